@@ -1,0 +1,44 @@
+# medssl: two commands on a fresh machine.
+#   make demo   create .venv if missing, install, run the end-to-end demo on the phantom
+#   make test   same bootstrap, then the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned by the caller's platform: pip on this project's
+# machines takes these CUDA builds from local disk; they run on CPU too.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test lint clean
+
+$(VENV)/.base-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# DeepSpeed builds against the installed torch, hence --no-build-isolation after it.
+$(VENV)/.test-installed: $(VENV)/.base-installed
+	$(PY) -m pip install --quiet -e '.[test,ray,dali]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed>=0.15'
+	touch $@
+
+install: $(VENV)/.base-installed
+
+install-test: $(VENV)/.test-installed
+
+demo: install
+	$(VENV)/bin/medssl demo --out $(DEMO_OUT)
+
+test: install-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

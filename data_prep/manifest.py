@@ -1,0 +1,67 @@
+"""The manifest: what a prepared dataset holds, written last so it marks completion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.atomic import atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    name: str
+    modality: str
+    source_format: str
+    classes: dict[str, str]  # class id (as text, JSON keys are strings) -> name
+    image_size: int
+    normalization: dict[str, Any]
+    splits: dict[str, list[str]]  # split -> patient names
+    counts: dict[str, Any]
+    spacing_stats: dict[str, list[float]]
+    shards: list[dict[str, Any]]  # name, samples, bytes, sha256
+    labeled_store: dict[str, Any]  # path and slices per split
+    slice_index: str
+    pretrain_splits: list[str]
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.classes[k] for k in sorted(self.classes, key=int)]
+
+    def write(self, folder: str | Path) -> Path:
+        return atomic_write_json(Path(folder) / MANIFEST_NAME, asdict(self))
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: {folder} is not a prepared dataset "
+                "(run `python -m data_prep prepare` first, or it was interrupted)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not "
+                             f"supported (expected {FORMAT_VERSION})")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key {unknown[0]!r}")
+        missing = sorted(k for k in known - set(data) if k not in ("extra",))
+        if missing:
+            raise ValueError(f"{path}: missing key {missing[0]!r}")
+        return cls(**data)

@@ -1,0 +1,50 @@
+"""Re-read a prepared dataset and check it against its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_prep.manifest import Manifest
+from data_prep.shard_reader import iterate_shards
+from data_prep.shards import describe_shard
+from data_prep.zarr_store import LabeledSlices
+
+
+def verify_dataset(folder: str | Path) -> list[str]:
+    """Return a list of problems (empty when every shard and array matches the manifest)."""
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    problems: list[str] = []
+    for expected in manifest.shards:
+        path = folder / "shards" / expected["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        actual = describe_shard(path)
+        if actual.sha256 != expected["sha256"]:
+            problems.append(f"{path}: checksum {actual.sha256[:12]} != manifest "
+                            f"{expected['sha256'][:12]}")
+        if actual.samples != expected["samples"]:
+            problems.append(f"{path}: {actual.samples} samples, manifest says "
+                            f"{expected['samples']}")
+        try:
+            for _ in iterate_shards([str(path)]):
+                pass
+        except Exception as exc:
+            problems.append(f"{path}: cannot decode every sample ({exc})")
+    store_path = folder / manifest.labeled_store["path"]
+    for split, count in manifest.labeled_store["slices"].items():
+        try:
+            store = LabeledSlices(store_path, split)
+        except (FileNotFoundError, KeyError) as exc:
+            problems.append(str(exc))
+            continue
+        if len(store) != count:
+            problems.append(f"{store_path}/{split}: {len(store)} slices, manifest says {count}")
+            continue
+        for index in range(len(store)):
+            image, mask = store.raw(index)
+            if image.shape != (manifest.image_size,) * 2 or mask.shape != image.shape:
+                problems.append(f"{store_path}/{split}[{index}]: shape {image.shape}")
+                break
+    return problems

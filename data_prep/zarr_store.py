@@ -1,0 +1,123 @@
+"""Zarr store of labeled slices: random access for fine-tuning, one slice per chunk.
+
+Layout (one group per split)::
+
+    labeled.zarr/<split>/image     (N, H, W) source dtype, chunks (1, H, W), zstd
+    labeled.zarr/<split>/mask      (N, H, W) uint8 class ids
+    labeled.zarr/<split>/norm      (N, 2)    float64 (offset, scale) per slice
+    labeled.zarr/<split>/spacing   (N, 3)    float32 mm (x, y, slice)
+    labeled.zarr/<split>/patient   (N,)      int32 index into attrs["patients"]
+    labeled.zarr/<split>/frame     (N,)      int16
+    labeled.zarr/<split>/slice     (N,)      int16
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from data_prep.normalize import apply_norm
+from data_prep.slices import SliceRecord
+
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def write_split(root: zarr.Group, split: str, records: Sequence[SliceRecord]) -> int:
+    """Write the labeled ``records`` of one split as a group of ``root``; return the count."""
+    group = root.create_group(split)
+    patients = sorted({r.patient for r in records})
+    group.attrs["patients"] = patients
+    if not records:
+        group.attrs["count"] = 0
+        return 0
+    height, width = records[0].image.shape
+    images = np.stack([r.image for r in records])
+    masks = np.stack([_require_mask(r) for r in records])
+    patient_index = {name: i for i, name in enumerate(patients)}
+    columns = {
+        "image": (images, (1, height, width), _COMPRESSOR),
+        "mask": (masks, (1, height, width), _COMPRESSOR),
+        "norm": (np.array([[r.norm.offset, r.norm.scale] for r in records], np.float64), None,
+                 "auto"),
+        "spacing": (np.array([r.spacing for r in records], np.float32), None, "auto"),
+        "patient": (np.array([patient_index[r.patient] for r in records], np.int32), None,
+                    "auto"),
+        "frame": (np.array([r.frame for r in records], np.int16), None, "auto"),
+        "slice": (np.array([r.slice_index for r in records], np.int16), None, "auto"),
+    }
+    for name, (data, chunks, compressors) in columns.items():
+        group.create_array(name, data=data, chunks=chunks or data.shape,
+                           compressors=compressors)
+    group.attrs["count"] = len(records)
+    return len(records)
+
+
+def _require_mask(record: SliceRecord) -> np.ndarray:
+    if record.mask is None:
+        raise ValueError(f"slice {record.key} has no mask but was routed to the labeled store")
+    return record.mask
+
+
+class LabeledSlices:
+    """Random access to one split of a labeled store: normalised images and masks."""
+
+    def __init__(self, store_path: str | Path, split: str) -> None:
+        self.store_path = Path(store_path)
+        try:
+            root = zarr.open_group(str(self.store_path), mode="r")
+        except Exception as exc:
+            raise FileNotFoundError(
+                f"{self.store_path}: not a readable zarr store ({exc})") from None
+        if split not in root:
+            raise KeyError(f"{self.store_path}: no split {split!r} "
+                           f"(has {sorted(name for name, _ in root.groups())})")
+        self.split = split
+        self.group = root[split]
+        self.patients: list[str] = list(self.group.attrs["patients"])
+        self._count = int(self.group.attrs["count"])
+
+    def __len__(self) -> int:
+        return self._count
+
+    @cached_property
+    def norm(self) -> np.ndarray:
+        return self.group["norm"][:]
+
+    @cached_property
+    def patient_index(self) -> np.ndarray:
+        return self.group["patient"][:]
+
+    @cached_property
+    def frames(self) -> np.ndarray:
+        return self.group["frame"][:]
+
+    @cached_property
+    def slices(self) -> np.ndarray:
+        return self.group["slice"][:]
+
+    @cached_property
+    def spacing(self) -> np.ndarray:
+        return self.group["spacing"][:]
+
+    def patient_of(self, index: int) -> str:
+        return self.patients[int(self.patient_index[index])]
+
+    def volume_of(self, index: int) -> str:
+        return f"{self.patient_of(index)}_frame{int(self.frames[index]):02d}"
+
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored image (source dtype) and mask of slice ``index``."""
+        return self.group["image"][index], self.group["mask"][index]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised float32 image (H, W) and uint8 mask (H, W)."""
+        if not 0 <= index < self._count:
+            raise IndexError(f"slice {index} out of range for {self.split} ({self._count})")
+        image, mask = self.raw(index)
+        offset, scale = self.norm[index]
+        return apply_norm(image, offset, scale), mask

@@ -1,0 +1,66 @@
+"""``python -m finetune``: fine-tune a U-Net, run a local grid, write a report, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from cluster.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="one fine-tuning run")
+    train.add_argument("--config", help="YAML file of FinetuneConfig keys")
+    for flag in ("data", "out", "init", "arch"):
+        train.add_argument(f"--{flag}")
+    train.add_argument("--budget", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+
+    report = sub.add_parser("report", help="report on every finished run under a folder")
+    report.add_argument("--runs", required=True)
+    report.add_argument("--out", required=True)
+
+    demo = sub.add_parser("demo", help="the whole workflow on the synthetic phantom")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="DemoConfig keys, e.g. patients=12 finetune_epochs=4")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from finetune.config import FinetuneConfig
+            from finetune.train import train_run
+
+            flags = {k: getattr(args, k) for k in ("data", "out", "init", "arch", "budget",
+                                                    "seed") if getattr(args, k) is not None}
+            overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items())]
+            config = load_config(FinetuneConfig, args.config, overrides)
+            metrics = train_run(config)
+            print(json.dumps({"test": metrics["test"], "convergence": metrics["convergence"]},
+                             indent=2))
+            return 0
+        if args.command == "report":
+            from finetune.report import collect_runs, write_report
+
+            print(write_report(collect_runs(args.runs), args.out))
+            return 0
+        if args.command == "demo":
+            from finetune.demo import DemoConfig, run_demo
+
+            config = load_config(DemoConfig, None, [*args.overrides, f"out={args.out}"])
+            report = run_demo(config)
+            print(report.resolve())
+            return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)

@@ -1,0 +1,252 @@
+"""One fine-tuning run: a U-Net on a label budget, validated every epoch."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from cluster.atomic import atomic_path, atomic_write_json
+from cluster.config import to_dict
+from cluster.run_dir import write_run_info
+from data_prep.manifest import Manifest
+from finetune.budgets import epoch_indices, nested_subset
+from finetune.config import FinetuneConfig
+from finetune.convergence import convergence_metrics
+from finetune.data import SliceSet, load_slices, random_flips
+from finetune.metrics import VolumeDice
+from finetune.model import build_unet, initialise_encoder
+from finetune.overlays import save_overlay
+from pretrain.schedules import warmup_cosine
+
+METRICS_FILE = "metrics.json"
+BEST_WEIGHTS = "best.safetensors"
+LAST_CHECKPOINT = "last.pt"
+
+
+def train_run(config: FinetuneConfig) -> dict[str, Any]:
+    """Train, validate each epoch, test the best epoch; return (and write) the metrics.
+
+    A run whose ``metrics.json`` is complete is returned as is; an interrupted run
+    resumes from its last finished epoch.
+    """
+    if not config.data or not config.out:
+        raise ValueError("data and out are required")
+    run_dir = Path(config.out)
+    done = _completed_metrics(run_dir, config)
+    if done is not None:
+        return done
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu")
+    manifest = Manifest.read(config.data)
+    torch.manual_seed(config.seed)
+
+    train_available = manifest.labeled_store["slices"]["train"]
+    subset = nested_subset(train_available, config.budget, config.seed)
+    train_set = load_slices(config.data, "train", subset)
+    val_set = load_slices(config.data, "val")
+
+    model = build_unet(config.arch, 1, manifest.num_classes)
+    initialise_encoder(model, config.arch, 1, config.init)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    loss_fn = _loss(config.loss)
+
+    samples = max(config.epoch_samples, len(subset))
+    steps_per_epoch = max(1, samples // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+
+    history: list[dict[str, Any]] = []
+    best_dice, step, elapsed = -1.0, 0, 0.0
+    resumed = _load_last(run_dir)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        history, step, elapsed = resumed["history"], resumed["step"], resumed["elapsed"]
+        best_dice = max((h["val_dice"] for h in history), default=-1.0)
+    write_run_info(run_dir, config, {"train_slices": len(subset)})
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    bar = tqdm(range(len(history), config.epochs), desc=f"finetune {config.label} "
+               f"b={config.budget} s={config.seed}", unit="epoch", leave=False,
+               disable=not config.progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = epoch_indices(np.arange(len(train_set)), samples, rng)
+        model.train()
+        losses = []
+        for batch_start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            batch = order[batch_start:batch_start + config.batch_size]
+            images, masks = random_flips(train_set.images[batch], train_set.masks[batch],
+                                         generator)
+            images, masks = _to_device(images, masks, device)
+            lr = warmup_cosine(step, total_steps, warmup_steps, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device):
+                logits = model(images)
+            loss = loss_fn(logits.float(), masks[:, None])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+        dice = evaluate(model, val_set, manifest.num_classes, device, config.batch_size)
+        elapsed += time.perf_counter() - start
+        record = {
+            "epoch": epoch + 1, "step": step, "seconds": round(elapsed, 3),
+            "train_loss": float(np.mean(losses)), "val_dice": dice.mean(),
+            "val_dice_per_class": _per_class(dice, manifest.class_names),
+        }
+        history.append(record)
+        _log_epoch(writer, record)
+        bar.set_postfix(val_dice=f"{record['val_dice']:.3f}")
+        if record["val_dice"] > best_dice:
+            best_dice = record["val_dice"]
+            _save_weights(model, run_dir / BEST_WEIGHTS)
+        if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0:
+            _save_last(run_dir, model, optimizer, history, step, elapsed)
+        atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, len(subset), None))
+    writer.close()
+
+    model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
+    test_set = load_slices(config.data, "test")
+    test_dice = evaluate(model, test_set, manifest.num_classes, device, config.batch_size)
+    test = {"dice": test_dice.mean(), "dice_per_class": _per_class(test_dice,
+                                                                  manifest.class_names)}
+    _write_overlays(model, val_set, manifest.class_names, run_dir / "overlays", device,
+                    config.overlays)
+    metrics = _metrics(config, history, len(subset), test)
+    atomic_write_json(run_dir / METRICS_FILE, metrics)
+    (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)
+    return metrics
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device,
+            batch_size: int) -> torch.Tensor:
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        if device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            outputs.append(model(batch).argmax(dim=1).cpu())
+    return torch.cat(outputs)
+
+
+def evaluate(model: nn.Module, slices: SliceSet, num_classes: int, device: torch.device,
+             batch_size: int) -> VolumeDice:
+    dice = VolumeDice(num_classes)
+    prediction = predict(model, slices.images, device, batch_size)
+    dice.update(prediction.numpy(), slices.masks.numpy(), slices.volumes)
+    return dice
+
+
+def _loss(name: str) -> nn.Module:
+    if name == "jaccard":
+        return DiceLoss(to_onehot_y=True, softmax=True, jaccard=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _to_device(images: torch.Tensor, masks: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks.to(device, non_blocking=True)
+
+
+def _per_class(dice: VolumeDice, class_names: list[str]) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(class_names[1:], dice.per_class())}
+
+
+def _metrics(config: FinetuneConfig, history: list[dict[str, Any]], train_slices: int,
+             test: dict[str, Any] | None) -> dict[str, Any]:
+    curve = [h["val_dice"] for h in history]
+    return {
+        "init": config.label, "arch": config.arch, "budget": config.budget,
+        "train_slices": train_slices, "seed": config.seed, "epochs": history,
+        "convergence": convergence_metrics(curve, [h["step"] for h in history],
+                                           [h["seconds"] for h in history],
+                                           config.dice_targets),
+        "test": test, "complete": test is not None, "run_dir": config.out,
+        "config": to_dict(config),
+    }
+
+
+def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> dict[str, Any] | None:
+    import json
+
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if not metrics.get("complete"):
+        return None
+    if metrics.get("config") != to_dict(config):
+        raise ValueError(f"{run_dir} holds a finished run with another config; "
+                         "choose another out folder")
+    return metrics
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(state, str(tmp))
+
+
+def _save_last(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               history: list[dict[str, Any]], step: int, elapsed: float) -> None:
+    with atomic_path(run_dir / LAST_CHECKPOINT) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "history": history, "step": step, "elapsed": elapsed}, tmp)
+
+
+def _load_last(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _log_epoch(writer: SummaryWriter, record: dict[str, Any]) -> None:
+    epoch = record["epoch"]
+    writer.add_scalar("train/loss", record["train_loss"], epoch)
+    writer.add_scalar("val/dice", record["val_dice"], epoch)
+    for name, value in record["val_dice_per_class"].items():
+        writer.add_scalar(f"val/dice_{name}", value, epoch)
+
+
+def _write_overlays(model: nn.Module, slices: SliceSet, class_names: list[str], folder: Path,
+                    device: torch.device, count: int) -> None:
+    if count <= 0:
+        return
+    foreground = (slices.masks > 0).flatten(1).sum(1)
+    chosen = torch.argsort(foreground, descending=True)[:count]
+    predictions = predict(model, slices.images[chosen], device, len(chosen))
+    for rank, (index, prediction) in enumerate(zip(chosen.tolist(), predictions)):
+        save_overlay(folder / f"{rank:02d}_{slices.volumes[index]}.png",
+                     slices.images[index, 0].numpy(), slices.masks[index].numpy(),
+                     prediction.numpy(), class_names)

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining of timm encoders on prepared shards, with backbone export."""

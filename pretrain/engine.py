@@ -1,0 +1,180 @@
+"""The pretraining loop: one process per device, DDP across processes and nodes."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from cluster.config import to_dict
+from cluster.distributed import DistInfo, barrier, init_distributed, shutdown
+from cluster.run_dir import write_run_info
+from data_prep.manifest import Manifest
+from pretrain.augment import augment_view
+from pretrain.checkpoint import load_latest, save_checkpoint
+from pretrain.config import PretrainConfig
+from pretrain.data import build_loader, epoch_length
+from pretrain.export import export_backbone
+from pretrain.methods.byol import BYOL
+from pretrain.schedules import ema_momentum, warmup_cosine
+from pretrain.weights import create_encoder, load_into_encoder, read_encoder_weights
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; no checkpoint is written from that state."""
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    export_dir: Path
+    steps: int
+    final_loss: float
+
+
+def build_model(config: PretrainConfig) -> BYOL:
+    encoder = create_encoder(config.model.arch, config.model.in_chans)
+    if config.model.init != "random":
+        load_into_encoder(encoder, read_encoder_weights(config.model.init))
+    return BYOL(encoder, encoder.num_features, config.method.projector_hidden,
+                config.method.projection_dim)
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Run (or resume) pretraining as described by ``config``; return the export folder."""
+    if not config.run.out:
+        raise ValueError("run.out: a run directory is required")
+    if not config.data.path:
+        raise ValueError("data.path: a prepared dataset folder is required")
+    Manifest.read(config.data.path)  # fail fast on a folder that is not a prepared dataset
+    dist_info = init_distributed(prefer_cuda=config.run.device == "auto")
+    try:
+        return _train(config, dist_info)
+    finally:
+        shutdown(dist_info)
+
+
+def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
+    run_dir = Path(config.run.out)
+    device = dist.device
+    if config.data.batch_size % dist.world_size:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the "
+                         f"world size {dist.world_size}")
+    per_rank_batch = config.data.batch_size // dist.world_size
+    steps_per_epoch = max(1, epoch_length(config.data.path, config.data.epoch_samples)
+                          // config.data.batch_size)
+    total_steps = steps_per_epoch * config.optim.epochs
+    warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
+    peak_lr = config.optim.lr * config.data.batch_size / 256
+
+    torch.manual_seed(config.run.seed + dist.rank)
+    model = build_model(config).to(device)
+    if dist.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=peak_lr, weight_decay=config.optim.weight_decay,
+    )
+    start_epoch, step = 0, 0
+    checkpoint = load_latest(run_dir)
+    if checkpoint is not None:
+        _check_resumable(checkpoint, config, run_dir)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+    byol = model
+    trained: nn.Module = DistributedDataParallel(model) if dist.distributed else model
+
+    loader = build_loader(
+        config.data.path, per_rank_batch=per_rank_batch, workers=config.data.workers,
+        shuffle_buffer=config.data.shuffle_buffer, seed=config.run.seed + start_epoch,
+        rank=dist.rank, pin_memory=device.type == "cuda",
+    )
+    writer = None
+    if dist.is_main:
+        write_run_info(run_dir, config, {"world_size": dist.world_size})
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step",
+               disable=not (dist.is_main and config.run.progress))
+    batches = iter(loader)
+    loss_value = float("nan")
+    for epoch in range(start_epoch, config.optim.epochs):
+        trained.train()
+        for _ in range(steps_per_epoch):
+            wait_start = time.perf_counter()
+            images = next(batches).to(device, non_blocking=True)
+            data_wait = time.perf_counter() - wait_start
+            generator = torch.Generator(device=device).manual_seed(
+                hash((config.run.seed, dist.rank, step)) % 2**62)
+            view1 = augment_view(images, config.augment.view1, config.data.crop_size, generator)
+            view2 = augment_view(images, config.augment.view2, config.data.crop_size, generator)
+            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = trained(view1, view2)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at step {step} on rank "
+                                         f"{dist.rank}; last checkpoint is left untouched")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            momentum = ema_momentum(step, total_steps, config.method.tau_base)
+            byol.update_target(momentum)
+            step_time = time.perf_counter() - wait_start
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
+            if writer is not None and (step % config.run.log_every == 0 or step == 1):
+                views_per_s = 2 * config.data.batch_size / step_time
+                writer.add_scalar("train/loss", loss_value, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/tau", momentum, step)
+                writer.add_scalar("perf/views_per_s", views_per_s, step)
+                writer.add_scalar("perf/data_wait_fraction", data_wait / step_time, step)
+            if writer is not None and step == start_epoch * steps_per_epoch + 1:
+                _log_view_pairs(writer, view1, view2, step)
+        if dist.is_main:
+            save_checkpoint(run_dir, {
+                "model": byol.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "step": step, "config": to_dict(config),
+            })
+        barrier(dist)
+    bar.close()
+    export_dir = run_dir / "export"
+    if dist.is_main:
+        manifest = Manifest.read(config.data.path)
+        export_backbone(byol.online_encoder, export_dir, {
+            "architecture": config.model.arch, "in_chans": config.model.in_chans,
+            "num_features": byol.online_encoder.num_features, "method": config.method.name,
+            "epochs": config.optim.epochs, "steps": step, "init": config.model.init,
+            "data": {"name": manifest.name, "path": str(Path(config.data.path).resolve()),
+                     "pretrain_slices": manifest.counts["pretrain_slices"]},
+        })
+        if writer is not None:
+            writer.close()
+    barrier(dist)
+    return PretrainResult(run_dir, export_dir, step, loss_value)
+
+
+def _check_resumable(checkpoint: dict, config: PretrainConfig, run_dir: Path) -> None:
+    saved = checkpoint.get("config", {})
+    for section in ("model", "method"):
+        if saved.get(section) != to_dict(config)[section]:
+            raise ValueError(f"{run_dir}: its checkpoint was made with another {section} "
+                             f"config ({saved.get(section)}); use a new run.out")
+
+
+def _log_view_pairs(writer: SummaryWriter, view1: torch.Tensor, view2: torch.Tensor,
+                    step: int, count: int = 8) -> None:
+    pairs = torch.stack([view1[:count], view2[:count]], dim=1).flatten(0, 1).float().cpu()
+    low = pairs.amin(dim=(1, 2, 3), keepdim=True)
+    high = pairs.amax(dim=(1, 2, 3), keepdim=True)
+    writer.add_images("views/pairs", (pairs - low) / (high - low + 1e-6), step)

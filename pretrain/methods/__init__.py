@@ -1,0 +1,1 @@
+"""Self-supervised methods: networks around an encoder that produce a training loss."""
