@@ -67,6 +67,9 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     device: Literal["auto", "cpu"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the networks (CUDA)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,8 @@ from pretrain.data import build_loader, epoch_length
 from pretrain.export import export_backbone
 from pretrain.methods.byol import BYOL
 from pretrain.schedules import ema_momentum, warmup_cosine
+from pretrain.step import byol_step, check_finite
 from pretrain.weights import create_encoder, load_into_encoder, read_encoder_weights
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; no checkpoint is written from that state."""
 
 
 @dataclass
@@ -76,6 +72,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
 
     torch.manual_seed(config.run.seed + dist.rank)
     model = build_model(config).to(device)
+    if device.type == "cuda" and config.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if dist.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.AdamW(
@@ -91,6 +89,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
     byol = model
     trained: nn.Module = DistributedDataParallel(model) if dist.distributed else model
+    if config.run.compile:
+        trained = torch.compile(trained)
 
     loader = build_loader(
         config.data.path, per_rank_batch=per_rank_batch, workers=config.data.workers,
@@ -105,42 +105,52 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                disable=not (dist.is_main and config.run.progress))
     batches = iter(loader)
     loss_value = float("nan")
+    pending: tuple[torch.Tensor, int] | None = None  # checked one step late: no host sync
+    last_log, steps_since_log = time.perf_counter(), 0
+    wait_since_log = 0.0
     for epoch in range(start_epoch, config.optim.epochs):
         trained.train()
         for _ in range(steps_per_epoch):
             wait_start = time.perf_counter()
             images = next(batches).to(device, non_blocking=True)
-            data_wait = time.perf_counter() - wait_start
+            wait_since_log += time.perf_counter() - wait_start
             generator = torch.Generator(device=device).manual_seed(
                 hash((config.run.seed, dist.rank, step)) % 2**62)
             view1 = augment_view(images, config.augment.view1, config.data.crop_size, generator)
             view2 = augment_view(images, config.augment.view2, config.data.crop_size, generator)
+            if device.type == "cuda" and config.run.channels_last:
+                view1 = view1.contiguous(memory_format=torch.channels_last)
+                view2 = view2.contiguous(memory_format=torch.channels_last)
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = trained(view1, view2)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss is {loss_value} at step {step} on rank "
-                                         f"{dist.rank}; last checkpoint is left untouched")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             momentum = ema_momentum(step, total_steps, config.method.tau_base)
-            byol.update_target(momentum)
-            step_time = time.perf_counter() - wait_start
+            loss = byol_step(trained, byol, optimizer, view1, view2, lr=lr, momentum=momentum,
+                             precision=config.run.precision)
+            if pending is not None:
+                check_finite(*pending, dist.rank)
+            pending = (loss, step)
             step += 1
+            steps_since_log += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
+            if step % config.run.log_every == 0 or step == 1:
+                loss_value = check_finite(loss, step - 1, dist.rank)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
             if writer is not None and (step % config.run.log_every == 0 or step == 1):
-                views_per_s = 2 * config.data.batch_size / step_time
+                elapsed = time.perf_counter() - last_log
+                views_per_s = 2 * config.data.batch_size * steps_since_log / elapsed
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/tau", momentum, step)
                 writer.add_scalar("perf/views_per_s", views_per_s, step)
-                writer.add_scalar("perf/data_wait_fraction", data_wait / step_time, step)
+                writer.add_scalar("perf/data_wait_fraction", wait_since_log / elapsed, step)
+                spread = _embedding_std(byol, view1)
+                if torch.isfinite(spread).all():  # a diverged step is reported just below
+                    writer.add_histogram("collapse/embedding_std", spread, step)
+            if step % config.run.log_every == 0 or step == 1:
+                last_log, steps_since_log, wait_since_log = time.perf_counter(), 0, 0.0
             if writer is not None and step == start_epoch * steps_per_epoch + 1:
                 _log_view_pairs(writer, view1, view2, step)
+        if pending is not None:
+            loss_value = check_finite(*pending, dist.rank)
         if dist.is_main:
             save_checkpoint(run_dir, {
                 "model": byol.state_dict(), "optimizer": optimizer.state_dict(),
@@ -162,6 +172,16 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             writer.close()
     barrier(dist)
     return PretrainResult(run_dir, export_dir, step, loss_value)
+
+
+@torch.no_grad()
+def _embedding_std(byol, views: torch.Tensor) -> torch.Tensor:
+    """Per-dimension std of normalised projections: values near 0 signal collapse."""
+    was_training = byol.training
+    byol.eval()
+    projections = byol.online_projector(byol.online_encoder(views[:64].float()))
+    byol.train(was_training)
+    return torch.nn.functional.normalize(projections, dim=1).std(dim=0).cpu()
 
 
 def _check_resumable(checkpoint: dict, config: PretrainConfig, run_dir: Path) -> None:

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from pretrain.augment import augment_view, crop_flip_theta
 from pretrain.config import ViewConfig
 from pretrain.engine import build_model, pretrain
+from pretrain.step import NonFiniteLossError
 from pretrain.weights import EncoderMismatchError, read_encoder_weights
 from tests.conftest import small_pretrain_config
 
@@ -52,6 +53,7 @@ def test_tensorboard_holds_training_scalars_and_views(pretrain_run: Path) -> Non
     taus = [e.value for e in events.Scalars("train/tau")]
     assert taus == sorted(taus) and 0.99 <= taus[0] < taus[-1] <= 1.0
     assert "views/pairs" in events.Tags()["images"]
+    assert "collapse/embedding_std" in events.Tags()["histograms"]
     run_info = json.loads((pretrain_run / "run_info.json").read_text())
     assert "torch" in run_info["versions"]
     assert (pretrain_run / "config.yaml").read_text().startswith("data:")
@@ -114,6 +116,19 @@ def test_augmentation_properties() -> None:
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b)  # same seed, same views
     assert not torch.allclose(a[0], a[2])  # each sample gets its own parameters
+
+
+def test_non_finite_loss_stops_without_touching_the_checkpoint(prepared: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    pretrain(small_pretrain_config(prepared, out))
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    config = small_pretrain_config(prepared, out)
+    config.optim.epochs = 3
+    config.optim.lr = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ on rank 0"):
+        pretrain(config)
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
 
 
 def test_exact_flip_without_crop() -> None:

@@ -1,0 +1,49 @@
+"""One optimisation step of a self-supervised method, shared by the engine and benchmarks."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from pretrain.methods.byol import BYOL
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; no checkpoint is written from that state."""
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA unless fp32 is asked for; plain fp32 on CPU by default."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def byol_step(trained: nn.Module, byol: BYOL, optimizer: torch.optim.Optimizer,
+              view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float,
+              precision: str = "auto") -> torch.Tensor:
+    """Forward both views, step the optimizer, move the target; return the loss (on device).
+
+    ``trained`` is what runs the forward pass (the DDP wrapper or a compiled module),
+    ``byol`` the plain module whose target network is updated. The loss is returned
+    without a host sync so the next step can be queued while this one runs.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast_for(view1.device, precision):
+        loss = trained(view1, view2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    byol.update_target(momentum)
+    return loss.detach()
+
+
+def check_finite(loss: torch.Tensor, step: int, rank: int) -> float:
+    value = float(loss)
+    if not torch.isfinite(torch.tensor(value)):
+        raise NonFiniteLossError(f"loss is {value} at step {step} on rank {rank}; the run "
+                                 "stops and its last checkpoint is left untouched")
+    return value
