@@ -70,6 +70,7 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the networks (CUDA)
+    sync_batchnorm: bool = True  # SyncBatchNorm across ranks (CUDA only)
 
 
 @dataclass

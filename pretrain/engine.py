@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,12 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     model = build_model(config).to(device)
     if device.type == "cuda" and config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if dist.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist.distributed and config.run.sync_batchnorm:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist.is_main:  # PyTorch's SyncBatchNorm has no CPU implementation
+            print("note: SyncBatchNorm needs CUDA; CPU ranks keep per-rank BatchNorm statistics",
+                  file=sys.stderr)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=peak_lr, weight_decay=config.optim.weight_decay,
