@@ -29,6 +29,8 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise
     except Exception as exc:  # nibabel raises many types for truncated or corrupt files
         raise DataError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    if not data.dtype.isnative:  # big-endian files: same values, native byte order
+        data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise DataError(f"{path}: contains NaN or Inf voxels")
     return data, zooms

@@ -17,12 +17,25 @@ from tqdm.auto import tqdm
 
 from cluster.atomic import atomic_path, atomic_write_text
 from cluster.config import to_dict
-from data_prep import acdc
 from data_prep.manifest import MANIFEST_NAME, Manifest
-from data_prep.normalize import NormParams, fixed_params, zscore_params
+from data_prep.nnunet import NnunetSource
+from data_prep.normalize import (
+    NormParams,
+    ct_window_params,
+    fixed_params,
+    percentile_params,
+    zscore_params,
+)
 from data_prep.shards import ShardInfo, ShardSetWriter
 from data_prep.slices import SliceRecord, volume_slices
-from data_prep.splits import SPLITS, acdc_reference_split, check_disjoint
+from data_prep.sources import AcdcSource, DatasetSource, SourcePatient
+from data_prep.splits import (
+    SPLITS,
+    UNLABELED,
+    acdc_reference_split,
+    check_disjoint,
+    random_split,
+)
 from data_prep.volume import Volume
 from data_prep.zarr_store import write_split
 
@@ -31,17 +44,27 @@ from data_prep.zarr_store import write_split
 class PrepareConfig:
     source: str = ""
     out: str = ""
-    format: Literal["acdc"] = "acdc"
+    format: Literal["acdc", "nnunet"] = "acdc"
     name: str = "acdc"
-    modality: str = "MR"
+    modality: str = ""  # default: what the source declares
     image_size: int = 256
-    normalization: Literal["zscore", "fixed"] = "zscore"
+    channel: int = 0  # nnU-Net/MSD: which input channel
+    slice_axis: int = 2  # nnU-Net/MSD: the axis 3D volumes are sliced along
+    normalization: Literal["zscore", "fixed", "ct_window", "percentile"] = "zscore"
     fixed_mean: float = 67.27  # the reference study's ACDC statistics
     fixed_std: float = 84.66
+    ct_window: tuple[float, float] = (-160.0, 240.0)  # HU, soft-tissue window
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    # "auto": ACDC's id rule for ACDC, a seeded random split by patient otherwise.
+    split: Literal["auto", "acdc", "random"] = "auto"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
     pretrain_frames: Literal["cine", "labeled"] = "cine"
     cine_frame_stride: int = 1
-    # Evaluation patients stay out of pretraining shards unless asked for.
-    pretrain_splits: list[str] = field(default_factory=lambda: ["train"])
+    # Evaluation patients stay out of pretraining shards unless asked for; "unlabeled"
+    # covers cases without labels (e.g. nnU-Net imagesTs).
+    pretrain_splits: list[str] = field(default_factory=lambda: ["train", "unlabeled"])
     shard_max_bytes: int = 64 * 2**20
     min_shards: int = 8
 
@@ -50,9 +73,37 @@ class PrepareConfig:
             raise ValueError(f"image_size must be at least 8, got {self.image_size}")
         if self.cine_frame_stride < 1:
             raise ValueError(f"cine_frame_stride must be >= 1, got {self.cine_frame_stride}")
-        unknown = sorted(set(self.pretrain_splits) - set(SPLITS))
+        unknown = sorted(set(self.pretrain_splits) - {*SPLITS, UNLABELED})
         if unknown:
             raise ValueError(f"pretrain_splits: unknown split {unknown[0]!r}")
+        if self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
+
+
+def open_source(config: PrepareConfig) -> DatasetSource:
+    if config.format == "nnunet":
+        return NnunetSource(config.source, channel=config.channel, slice_axis=config.slice_axis)
+    return AcdcSource(config.source, config.pretrain_frames, config.cine_frame_stride)
+
+
+def make_splits(patients: list[SourcePatient], config: PrepareConfig) -> dict[str, list[str]]:
+    labeled = [p for p in patients if p.labeled]
+    rule = config.split if config.split != "auto" else (
+        "acdc" if config.format == "acdc" else "random")
+    if rule == "acdc":
+        unnumbered = [p.name for p in labeled if p.number is None]
+        if unnumbered:
+            raise ValueError(f"split=acdc needs numbered patients; {unnumbered[0]!r} has no "
+                             "trailing number (use split=random)")
+        splits = {name: [] for name in SPLITS}
+        for patient in labeled:
+            splits[acdc_reference_split(patient.number)].append(patient.name)  # type: ignore[arg-type]
+    else:
+        splits = random_split([p.name for p in labeled], config.val_fraction,
+                              config.test_fraction, config.split_seed)
+    splits[UNLABELED] = [p.name for p in patients if not p.labeled]
+    check_disjoint(splits)
+    return splits
 
 
 def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
@@ -63,15 +114,13 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
             return existing
         raise FileExistsError(f"{out} already holds a prepared dataset made with another "
                               "config; choose another --out or delete it")
-    patients = acdc.discover_patients(config.source)
-    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for patient in patients:
-        splits[acdc_reference_split(patient.number)].append(patient.name)
-    check_disjoint(splits)
+    source = open_source(config)
+    patients = source.patients()
+    splits = make_splits(patients, config)
     split_of = {name: split for split, names in splits.items() for name in names}
 
     pretrain_patients = [p for p in patients if split_of[p.name] in config.pretrain_splits]
-    planned = sum(_planned_slices(p, config) for p in pretrain_patients)
+    planned = sum(source.planned_pretrain_slices(p) for p in pretrain_patients)
     max_samples = max(1, math.ceil(planned / config.min_shards))
 
     labeled: dict[str, list[SliceRecord]] = defaultdict(list)
@@ -83,7 +132,7 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
         for patient in tqdm(patients, desc="prepare", unit="patient", disable=not progress):
             split = split_of[patient.name]
             masks: dict[int, np.ndarray] = {}
-            for volume in acdc.load_labeled_frames(patient):
+            for volume in source.labeled_volumes(patient):
                 spacings.append(volume.spacing)
                 assert volume.mask is not None
                 masks[volume.frame] = volume.mask
@@ -92,7 +141,9 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
                     labeled[split].append(record)
             if split not in config.pretrain_splits:
                 continue
-            for volume in _pretrain_volumes(patient, config):
+            for volume in source.pretrain_volumes(patient):
+                if not masks:
+                    spacings.append(volume.spacing)
                 volume.mask = masks.get(volume.frame)
                 for record in volume_slices(volume, _norm(volume, config), split,
                                             config.image_size):
@@ -117,9 +168,9 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
 
     manifest = Manifest(
         name=config.name,
-        modality=config.modality,
+        modality=config.modality or source.modality,
         source_format=config.format,
-        classes={str(k): v for k, v in acdc.ACDC_CLASSES.items()},
+        classes={str(k): v for k, v in sorted(source.classes.items())},
         image_size=config.image_size,
         normalization=_norm_description(config),
         splits=splits,
@@ -139,32 +190,28 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
     return manifest
 
 
-def _pretrain_volumes(patient: acdc.AcdcPatient, config: PrepareConfig):
-    if config.pretrain_frames == "labeled":
-        yield from acdc.load_labeled_frames(patient)
-    else:
-        yield from acdc.load_cine_frames(patient, stride=config.cine_frame_stride)
-
-
-def _planned_slices(patient: acdc.AcdcPatient, config: PrepareConfig) -> int:
-    if config.pretrain_frames == "labeled":
-        shape = acdc.load_nifti_header_shape(patient.frame_path(patient.ed_frame))
-        return shape[2] * len(patient.labeled_frames)
-    shape = acdc.cine_shape(patient)
-    return shape[2] * math.ceil(shape[3] / config.cine_frame_stride)
-
-
 def _norm(volume: Volume, config: PrepareConfig) -> NormParams:
     if config.normalization == "fixed":
         return fixed_params(config.fixed_mean, config.fixed_std)
+    if config.normalization == "ct_window":
+        return ct_window_params(volume.image, config.ct_window)
+    if config.normalization == "percentile":
+        return percentile_params(volume.image, config.percentiles)
     return zscore_params(volume.image)
 
 
 def _norm_description(config: PrepareConfig) -> dict[str, object]:
+    how = "(clip(raw, norm[2], norm[3]) - norm[0]) / norm[1], per-slice norm in meta/store"
     if config.normalization == "fixed":
-        return {"kind": "fixed", "mean": config.fixed_mean, "std": config.fixed_std}
-    return {"kind": "zscore", "scope": "volume",
-            "apply": "(raw - norm[0]) / norm[1], per-slice parameters in meta/store"}
+        return {"kind": "fixed", "mean": config.fixed_mean, "std": config.fixed_std,
+                "apply": how}
+    if config.normalization == "ct_window":
+        return {"kind": "ct_window", "window": list(config.ct_window), "scope": "volume",
+                "apply": how}
+    if config.normalization == "percentile":
+        return {"kind": "percentile", "percentiles": list(config.percentiles),
+                "scope": "volume", "apply": how}
+    return {"kind": "zscore", "scope": "volume", "apply": how}
 
 
 def _spacing_stats(spacings: list[tuple[float, float, float]]) -> dict[str, list[float]]:

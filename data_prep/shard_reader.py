@@ -40,9 +40,8 @@ def decode_sample(sample: dict[str, Any]) -> DecodedSlice:
             raise ValueError(f"sample {source}: missing {required}")
     meta = json.loads(sample["meta.json"])
     raw = decode_npy(sample["image.npy"], f"{source}/image.npy")
-    offset, scale = meta["norm"]
     mask = decode_npy(sample["mask.npy"], f"{source}/mask.npy") if "mask.npy" in sample else None
-    return DecodedSlice(key=key, image=apply_norm(raw, offset, scale), raw=raw, mask=mask,
+    return DecodedSlice(key=key, image=apply_norm(raw, meta["norm"]), raw=raw, mask=mask,
                         meta=meta)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class SliceRecord:
             "frame": self.frame,
             "slice": self.slice_index,
             "spacing": list(self.spacing),
-            "norm": [self.norm.offset, self.norm.scale],
+            "norm": self.norm.as_list(),
             "split": self.split,
             "labeled": self.mask is not None,
         }
@@ -45,12 +46,17 @@ def volume_slices(volume: Volume, norm: NormParams, split: str, size: int) -> It
     mask = center_pad_crop(volume.mask, size, fill=0) if volume.mask is not None else None
     for z in range(volume.n_slices):
         yield SliceRecord(
-            key=f"{volume.patient}_frame{volume.frame:02d}_slice{z:03d}",
+            key=_safe_key(f"{volume.patient}_frame{volume.frame:02d}_slice{z:03d}"),
             patient=volume.patient, frame=volume.frame, slice_index=z,
             image=np.ascontiguousarray(image[:, :, z]),
             mask=None if mask is None else np.ascontiguousarray(mask[:, :, z]),
             spacing=volume.spacing, norm=norm, split=split,
         )
+
+
+def _safe_key(key: str) -> str:
+    """WebDataset splits a file name at its first dot: keys keep only [A-Za-z0-9_-]."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", key)
 
 
 def _background(image: np.ndarray) -> float | int:

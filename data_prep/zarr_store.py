@@ -4,7 +4,7 @@ Layout (one group per split)::
 
     labeled.zarr/<split>/image     (N, H, W) source dtype, chunks (1, H, W), zstd
     labeled.zarr/<split>/mask      (N, H, W) uint8 class ids
-    labeled.zarr/<split>/norm      (N, 2)    float64 (offset, scale) per slice
+    labeled.zarr/<split>/norm      (N, 4)    float64 (offset, scale, low, high) per slice
     labeled.zarr/<split>/spacing   (N, 3)    float32 mm (x, y, slice)
     labeled.zarr/<split>/patient   (N,)      int32 index into attrs["patients"]
     labeled.zarr/<split>/frame     (N,)      int16
@@ -42,7 +42,7 @@ def write_split(root: zarr.Group, split: str, records: Sequence[SliceRecord]) ->
     columns = {
         "image": (images, (1, height, width), _COMPRESSOR),
         "mask": (masks, (1, height, width), _COMPRESSOR),
-        "norm": (np.array([[r.norm.offset, r.norm.scale] for r in records], np.float64), None,
+        "norm": (np.array([r.norm.as_array() for r in records], np.float64), None,
                  "auto"),
         "spacing": (np.array([r.spacing for r in records], np.float32), None, "auto"),
         "patient": (np.array([patient_index[r.patient] for r in records], np.int32), None,
@@ -119,5 +119,4 @@ class LabeledSlices:
         if not 0 <= index < self._count:
             raise IndexError(f"slice {index} out of range for {self.split} ({self._count})")
         image, mask = self.raw(index)
-        offset, scale = self.norm[index]
-        return apply_norm(image, offset, scale), mask
+        return apply_norm(image, self.norm[index]), mask

@@ -70,7 +70,8 @@ def test_shards_round_trip_bit_exact_and_hold_no_eval_patient(prepared: Path,
             np.testing.assert_array_equal(sample.mask, gt)
         else:
             assert sample.mask is None
-        offset, scale = meta["norm"]
+        offset, scale, low, high = meta["norm"]
+        assert low is None and high is None  # z-score clips nothing
         np.testing.assert_allclose(sample.image, (expected - offset) / scale, rtol=1e-5,
                                    atol=1e-5)
         count += 1
