@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from cluster.atomic import atomic_path, atomic_write_text
 from cluster.config import to_dict
+from data_prep.dali_index import write_dali_indices
 from data_prep.manifest import MANIFEST_NAME, Manifest
 from data_prep.nnunet import NnunetSource
 from data_prep.normalize import (
@@ -150,6 +151,7 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
                     writer.write(record)
                     index_rows.append(_index_row(record, in_shards=True))
         shard_infos = writer.close()
+        write_dali_indices(shard_dir)  # DALI's fn.readers.webdataset needs one per shard
 
     store_counts: dict[str, int] = {}
     with atomic_path(out / "labeled.zarr") as store_dir:

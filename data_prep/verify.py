@@ -20,6 +20,8 @@ def verify_dataset(folder: str | Path) -> list[str]:
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue
+        if not path.with_suffix(".idx").is_file():
+            problems.append(f"{path.with_suffix('.idx')}: DALI index missing")
         actual = describe_shard(path)
         if actual.sha256 != expected["sha256"]:
             problems.append(f"{path}: checksum {actual.sha256[:12]} != manifest "

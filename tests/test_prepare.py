@@ -33,6 +33,9 @@ def test_manifest_describes_the_dataset(prepared: Path) -> None:
     assert manifest.splits["val"] == ["patient002", "patient012"]
     assert len(manifest.splits["train"]) == 8
     assert len(manifest.shards) >= 4  # more shards than loader workers
+    for shard in manifest.shards:  # with the index DALI's webdataset reader needs
+        index = (prepared / "shards" / shard["name"]).with_suffix(".idx")
+        assert index.read_text().startswith(f"v1.2 {shard['samples']}\n")
     assert sum(s["samples"] for s in manifest.shards) == manifest.counts["pretrain_slices"]
     assert manifest.spacing_stats["min"][2] >= 5.0  # slice thickness from the NIfTI headers
 
