@@ -99,5 +99,9 @@ def run_demo(config: DemoConfig) -> Path:
                           notes=[f"Made by `medssl demo` in {minutes:.1f} min on CPU: "
                                  f"{config.patients} phantom patients at {config.image_size} px, "
                                  f"{config.arch} BYOL for {config.pretrain_epochs} epochs, "
-                                 f"{config.finetune_epochs} fine-tuning epochs per run."])
+                                 f"{config.finetune_epochs} fine-tuning epochs per run.",
+                                 "",
+                                 "The demo is sized to finish in minutes on CPU: it shows the "
+                                 "workflow, not the study's findings, which need real data, "
+                                 "longer pretraining and 150-epoch fine-tuning."])
     return report
