@@ -99,11 +99,8 @@ def main() -> None:
     views_per_step = 2 * args.batch
 
     def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
-        if channels_last:
-            view1 = view1.contiguous(memory_format=torch.channels_last)
-            view2 = view2.contiguous(memory_format=torch.channels_last)
         byol_step(trained, byol, optimizer, view1, view2, lr=1e-4, momentum=0.996,
-                  precision=args.precision)
+                  precision=args.precision, channels_last=channels_last)
 
     # 1. plain step on random tensors already on the device
     noise = torch.randn(2, args.batch, 1, args.crop, args.crop, device=device)

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.nifti import DataError, load_nifti, load_nifti_header_shape
+from data_prep.nifti import (
+    DataError,
+    check_labels,
+    load_nifti,
+    load_nifti_header_shape,
+    voxel_spacing,
+)
 from data_prep.volume import Volume
 
 ACDC_CLASSES = {0: "BG", 1: "RV", 2: "MYO", 3: "LV"}
@@ -99,9 +105,13 @@ def load_labeled_frames(patient: AcdcPatient) -> Iterator[Volume]:
         image_path, label_path = patient.frame_path(frame), patient.frame_path(frame, label=True)
         image, zooms = load_nifti(image_path)
         mask, mask_zooms = load_nifti(label_path)
-        _check_pair(image_path, image, zooms, label_path, mask, mask_zooms)
+        if image.ndim != 3:
+            raise DataError(f"{image_path}: expected a 3D frame, got shape {image.shape}")
+        check_labels(label_path, mask, mask_zooms, image_path, image.shape, zooms,
+                     ACDC_CLASSES, "the ACDC classes")
         yield Volume(
-            patient=patient.name, frame=frame, image=image, spacing=_spacing(image_path, zooms),
+            patient=patient.name, frame=frame, image=image,
+            spacing=voxel_spacing(image_path, zooms),
             source=image_path, mask=mask.astype(np.uint8), meta={"group": patient.group},
         )
 
@@ -112,7 +122,7 @@ def load_cine_frames(patient: AcdcPatient, stride: int = 1) -> Iterator[Volume]:
     if data.ndim != 4:
         raise DataError(f"{patient.cine_path}: expected a 4D cine (x, y, slice, frame), "
                         f"got shape {data.shape}")
-    spacing = _spacing(patient.cine_path, zooms)
+    spacing = voxel_spacing(patient.cine_path, zooms)
     for index in range(0, data.shape[3], stride):
         yield Volume(
             patient=patient.name, frame=index + 1, image=np.ascontiguousarray(data[..., index]),
@@ -122,25 +132,3 @@ def load_cine_frames(patient: AcdcPatient, stride: int = 1) -> Iterator[Volume]:
 
 def cine_shape(patient: AcdcPatient) -> tuple[int, ...]:
     return load_nifti_header_shape(patient.cine_path)
-
-
-def _spacing(path: Path, zooms: tuple[float, ...]) -> tuple[float, float, float]:
-    if len(zooms) < 3 or any(z <= 0 for z in zooms[:3]):
-        raise DataError(f"{path}: voxel spacing {zooms} is missing or not positive")
-    return (zooms[0], zooms[1], zooms[2])
-
-
-def _check_pair(image_path: Path, image: np.ndarray, zooms: tuple[float, ...],
-                label_path: Path, mask: np.ndarray, mask_zooms: tuple[float, ...]) -> None:
-    if image.ndim != 3:
-        raise DataError(f"{image_path}: expected a 3D frame, got shape {image.shape}")
-    if image.shape != mask.shape:
-        raise DataError(f"{label_path}: label shape {mask.shape} differs from image shape "
-                        f"{image.shape} in {image_path.name}")
-    if not np.allclose(zooms[:3], mask_zooms[:3], rtol=1e-3):
-        raise DataError(f"{label_path}: label spacing {mask_zooms[:3]} differs from image "
-                        f"spacing {zooms[:3]}")
-    bad = np.setdiff1d(np.unique(mask), list(ACDC_CLASSES))
-    if bad.size:
-        raise DataError(f"{label_path}: label values {bad.tolist()} are not ACDC classes "
-                        f"{sorted(ACDC_CLASSES)}")

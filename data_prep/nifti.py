@@ -42,3 +42,29 @@ def load_nifti_header_shape(path: Path) -> tuple[int, ...]:
         return tuple(int(s) for s in nib.load(str(path)).shape)
     except Exception as exc:
         raise DataError(f"{path}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from None
+
+
+def voxel_spacing(path: Path, zooms: tuple[float, ...]) -> tuple[float, float, float]:
+    """The first three zooms, refusing missing or non-positive spacing."""
+    if len(zooms) < 3 or any(z <= 0 for z in zooms[:3]):
+        raise DataError(f"{path}: voxel spacing {zooms} is missing or not positive")
+    return (zooms[0], zooms[1], zooms[2])
+
+
+def check_labels(label_path: Path, labels: np.ndarray, label_spacing: tuple[float, ...],
+                 image_path: Path, image_shape: tuple[int, ...],
+                 image_spacing: tuple[float, ...], classes: dict[int, str],
+                 declared_in: str) -> None:
+    """A label volume must match its image in shape and spacing and use declared ids."""
+    if labels.shape != image_shape:
+        raise DataError(f"{label_path}: label shape {labels.shape} differs from image shape "
+                        f"{image_shape} of {image_path.name}")
+    if not np.allclose(label_spacing[:3], image_spacing[:3], rtol=1e-3):
+        raise DataError(f"{label_path}: label spacing {tuple(label_spacing[:3])} differs from "
+                        f"image spacing {tuple(image_spacing[:3])}")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise DataError(f"{label_path}: label values are not integers")
+    bad = np.setdiff1d(np.unique(labels), list(classes))
+    if bad.size:
+        raise DataError(f"{label_path}: label values {bad.tolist()} are not declared in "
+                        f"{declared_in} {sorted(classes)}")

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.nifti import DataError, load_nifti, load_nifti_header_shape
+from data_prep.nifti import (
+    DataError,
+    check_labels,
+    load_nifti,
+    load_nifti_header_shape,
+    voxel_spacing,
+)
 from data_prep.sources import SourcePatient
 from data_prep.volume import Volume
 
@@ -115,19 +121,8 @@ class NnunetSource:
         image, spacing = self._load_image(image_path)
         labels, label_zooms = load_nifti(label_path)
         labels = np.moveaxis(labels, self.slice_axis, -1) if labels.ndim == 3 else labels
-        if labels.shape != image.shape:
-            raise DataError(f"{label_path}: label shape {labels.shape} differs from image "
-                            f"shape {image.shape} of {image_path.name}")
-        label_spacing = self._move_spacing(label_zooms)
-        if not np.allclose(label_spacing, spacing, rtol=1e-3):
-            raise DataError(f"{label_path}: label spacing {label_spacing} differs from image "
-                            f"spacing {spacing}")
-        if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
-            raise DataError(f"{label_path}: label values are not integers")
-        bad = np.setdiff1d(np.unique(labels), list(self.classes))
-        if bad.size:
-            raise DataError(f"{label_path}: label values {bad.tolist()} are not declared in "
-                            f"dataset.json labels {sorted(self.classes)}")
+        check_labels(label_path, labels, self._move_spacing(label_zooms), image_path,
+                     image.shape, spacing, self.classes, "dataset.json labels")
         yield Volume(patient=patient.name, frame=0, image=image, spacing=spacing,
                      source=image_path, mask=labels.astype(np.uint8))
 
@@ -155,10 +150,8 @@ class NnunetSource:
             data = data[..., self.channel]
         if data.ndim != 3:
             raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
-        if len(zooms) < 3 or any(z <= 0 for z in zooms[:3]):
-            raise DataError(f"{path}: voxel spacing {zooms} is missing or not positive")
         return (np.ascontiguousarray(np.moveaxis(data, self.slice_axis, -1)),
-                self._move_spacing(zooms))
+                self._move_spacing(voxel_spacing(path, zooms)))
 
 
 def _msd_case(image: Path) -> str:

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from cluster.atomic import atomic_path, atomic_write_text
 from cluster.config import to_dict
-from data_prep.dali_index import write_dali_indices
 from data_prep.manifest import MANIFEST_NAME, Manifest
 from data_prep.nnunet import NnunetSource
 from data_prep.normalize import (
@@ -150,8 +149,7 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
                                             config.image_size):
                     writer.write(record)
                     index_rows.append(_index_row(record, in_shards=True))
-        shard_infos = writer.close()
-        write_dali_indices(shard_dir)  # DALI's fn.readers.webdataset needs one per shard
+        shard_infos = writer.close()  # also writes each shard's DALI index
 
     store_counts: dict[str, int] = {}
     with atomic_path(out / "labeled.zarr") as store_dir:
@@ -203,17 +201,20 @@ def _norm(volume: Volume, config: PrepareConfig) -> NormParams:
 
 
 def _norm_description(config: PrepareConfig) -> dict[str, object]:
-    how = "(clip(raw, norm[2], norm[3]) - norm[0]) / norm[1], per-slice norm in meta/store"
+    description: dict[str, object] = {
+        "kind": config.normalization,
+        "apply": "(clip(raw, norm[2], norm[3]) - norm[0]) / norm[1], per-slice norm in "
+                 "meta/store",
+    }
     if config.normalization == "fixed":
-        return {"kind": "fixed", "mean": config.fixed_mean, "std": config.fixed_std,
-                "apply": how}
+        description.update(mean=config.fixed_mean, std=config.fixed_std)
+        return description
+    description["scope"] = "volume"
     if config.normalization == "ct_window":
-        return {"kind": "ct_window", "window": list(config.ct_window), "scope": "volume",
-                "apply": how}
-    if config.normalization == "percentile":
-        return {"kind": "percentile", "percentiles": list(config.percentiles),
-                "scope": "volume", "apply": how}
-    return {"kind": "zscore", "scope": "volume", "apply": how}
+        description["window"] = list(config.ct_window)
+    elif config.normalization == "percentile":
+        description["percentiles"] = list(config.percentiles)
+    return description
 
 
 def _spacing_stats(spacings: list[tuple[float, float, float]]) -> dict[str, list[float]]:

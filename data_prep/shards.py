@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from cluster.atomic import atomic_write_text
+from data_prep.dali_index import SHARD_GLOB, default_index_path, format_index, read_samples
 from data_prep.slices import SliceRecord
 
 SHARD_PATTERN = "pretrain-%06d.tar"
@@ -62,15 +64,24 @@ class ShardSetWriter:
         self._writer.write(encode_sample(record))
 
     def close(self) -> list[ShardInfo]:
+        """Finish the last shard, then index and describe every shard.
+
+        One header scan per shard both checks the tar, counts its samples and gives the
+        index DALI's ``fn.readers.webdataset`` needs.
+        """
         self._writer.close()
-        return [describe_shard(path) for path in sorted(self.folder.glob("pretrain-*.tar"))]
+        infos = []
+        for path in sorted(self.folder.glob(SHARD_GLOB)):
+            samples = read_samples(path)
+            atomic_write_text(default_index_path(path), format_index(samples))
+            infos.append(ShardInfo(name=path.name, samples=len(samples),
+                                   bytes=path.stat().st_size, sha256=sha256_file(path)))
+        return infos
 
 
-def describe_shard(path: Path) -> ShardInfo:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    samples = sum(1 for _ in wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
-    return ShardInfo(name=path.name, samples=samples, bytes=path.stat().st_size,
-                     sha256=digest.hexdigest())
+    return digest.hexdigest()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data_prep.manifest import Manifest
 from data_prep.shard_reader import iterate_shards
-from data_prep.shards import describe_shard
+from data_prep.shards import sha256_file
 from data_prep.zarr_store import LabeledSlices
 
 
@@ -22,18 +22,17 @@ def verify_dataset(folder: str | Path) -> list[str]:
             continue
         if not path.with_suffix(".idx").is_file():
             problems.append(f"{path.with_suffix('.idx')}: DALI index missing")
-        actual = describe_shard(path)
-        if actual.sha256 != expected["sha256"]:
-            problems.append(f"{path}: checksum {actual.sha256[:12]} != manifest "
+        digest = sha256_file(path)
+        if digest != expected["sha256"]:
+            problems.append(f"{path}: checksum {digest[:12]} != manifest "
                             f"{expected['sha256'][:12]}")
-        if actual.samples != expected["samples"]:
-            problems.append(f"{path}: {actual.samples} samples, manifest says "
-                            f"{expected['samples']}")
         try:
-            for _ in iterate_shards([str(path)]):
-                pass
+            samples = sum(1 for _ in iterate_shards([str(path)]))
         except Exception as exc:
             problems.append(f"{path}: cannot decode every sample ({exc})")
+            continue
+        if samples != expected["samples"]:
+            problems.append(f"{path}: {samples} samples, manifest says {expected['samples']}")
     store_path = folder / manifest.labeled_store["path"]
     for split, count in manifest.labeled_store["slices"].items():
         try:

@@ -72,8 +72,9 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     peak_lr = config.optim.lr * config.data.batch_size / 256
 
     torch.manual_seed(config.run.seed + dist.rank)
+    channels_last = device.type == "cuda" and config.run.channels_last
     model = build_model(config).to(device)
-    if device.type == "cuda" and config.run.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.distributed and config.run.sync_batchnorm:
         if device.type == "cuda":
@@ -123,23 +124,24 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 hash((config.run.seed, dist.rank, step)) % 2**62)
             view1 = augment_view(images, config.augment.view1, config.data.crop_size, generator)
             view2 = augment_view(images, config.augment.view2, config.data.crop_size, generator)
-            if device.type == "cuda" and config.run.channels_last:
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             momentum = ema_momentum(step, total_steps, config.method.tau_base)
             loss = byol_step(trained, byol, optimizer, view1, view2, lr=lr, momentum=momentum,
-                             precision=config.run.precision)
+                             precision=config.run.precision, channels_last=channels_last)
             if pending is not None:
                 check_finite(*pending, dist.rank)
             pending = (loss, step)
             step += 1
             steps_since_log += 1
             bar.update(1)
-            if step % config.run.log_every == 0 or step == 1:
-                loss_value = check_finite(loss, step - 1, dist.rank)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
-            if writer is not None and (step % config.run.log_every == 0 or step == 1):
+            if writer is not None and step == start_epoch * steps_per_epoch + 1:
+                _log_view_pairs(writer, view1, view2, step)
+            if not (step % config.run.log_every == 0 or step == 1):
+                continue
+            loss_value = check_finite(loss, step - 1, dist.rank)
+            pending = None  # just checked
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
+            if writer is not None:
                 elapsed = time.perf_counter() - last_log
                 views_per_s = 2 * config.data.batch_size * steps_since_log / elapsed
                 writer.add_scalar("train/loss", loss_value, step)
@@ -148,12 +150,9 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 writer.add_scalar("perf/views_per_s", views_per_s, step)
                 writer.add_scalar("perf/data_wait_fraction", wait_since_log / elapsed, step)
                 spread = _embedding_std(byol, view1)
-                if torch.isfinite(spread).all():  # a diverged step is reported just below
+                if torch.isfinite(spread).all():  # diverged weights fail the next loss check
                     writer.add_histogram("collapse/embedding_std", spread, step)
-            if step % config.run.log_every == 0 or step == 1:
-                last_log, steps_since_log, wait_since_log = time.perf_counter(), 0, 0.0
-            if writer is not None and step == start_epoch * steps_per_epoch + 1:
-                _log_view_pairs(writer, view1, view2, step)
+            last_log, steps_since_log, wait_since_log = time.perf_counter(), 0, 0.0
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
         if dist.is_main:

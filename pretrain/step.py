@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -23,13 +24,16 @@ def autocast_for(device: torch.device, precision: str):
 
 def byol_step(trained: nn.Module, byol: BYOL, optimizer: torch.optim.Optimizer,
               view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float,
-              precision: str = "auto") -> torch.Tensor:
+              precision: str = "auto", channels_last: bool = False) -> torch.Tensor:
     """Forward both views, step the optimizer, move the target; return the loss (on device).
 
     ``trained`` is what runs the forward pass (the DDP wrapper or a compiled module),
     ``byol`` the plain module whose target network is updated. The loss is returned
     without a host sync so the next step can be queued while this one runs.
     """
+    if channels_last:
+        view1 = view1.contiguous(memory_format=torch.channels_last)
+        view2 = view2.contiguous(memory_format=torch.channels_last)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast_for(view1.device, precision):
@@ -43,7 +47,7 @@ def byol_step(trained: nn.Module, byol: BYOL, optimizer: torch.optim.Optimizer,
 
 def check_finite(loss: torch.Tensor, step: int, rank: int) -> float:
     value = float(loss)
-    if not torch.isfinite(torch.tensor(value)):
+    if not math.isfinite(value):
         raise NonFiniteLossError(f"loss is {value} at step {step} on rank {rank}; the run "
                                  "stops and its last checkpoint is left untouched")
     return value
