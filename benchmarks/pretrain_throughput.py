@@ -30,6 +30,10 @@ from pathlib import Path
 
 import torch
 
+# Run as a script, this folder is on sys.path: the baseline lives beside this file.
+from plain_byol import make_plain_step
+from torch.utils.flop_counter import FlopCounterMode
+
 from data_prep.phantom import PhantomConfig, write_acdc_tree
 from data_prep.prepare import PrepareConfig, prepare_dataset
 from pretrain.augment import augment_view
@@ -42,7 +46,7 @@ from pretrain.config import (
 )
 from pretrain.data import build_loader
 from pretrain.engine import build_model
-from pretrain.step import byol_step
+from pretrain.step import autocast_for, byol_step
 
 
 def make_dataset(work: Path, image_size: int, patients: int) -> Path:
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--projector-hidden", type=int, default=4096)
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak of the GPU, for MFU (H100/H200 SXM: 989)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,30 +96,33 @@ def main() -> None:
         run=RunConfig(out=str(work / "unused"), precision=args.precision,
                       compile=args.compile),
     )
-    byol = build_model(config).to(device)
     channels_last = device.type == "cuda"
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    noise = torch.randn(2, args.batch, 1, args.crop, args.crop, device=device)
+
+    # 1. baseline: the textbook timm + PyTorch BYOL step on random tensors on the device
+    plain = make_plain_step(args.arch, 1, args.projector_hidden, device, bf16=bf16,
+                            channels_last=channels_last, compile=args.compile)
+    plain_s = time_steps(lambda: plain(noise[0], noise[1]), args.warmup, args.steps, device)
+    plain = None  # free the baseline's memory before building ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 2. medssl's step (the engine's model and step function) on the same random tensors
+    byol = build_model(config).to(device)
     if channels_last:
         byol = byol.to(memory_format=torch.channels_last)
     trained = torch.compile(byol) if args.compile else byol
     optimizer = torch.optim.AdamW([p for p in byol.parameters() if p.requires_grad], lr=1e-4)
-    views_per_step = 2 * args.batch
 
     def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
         byol_step(trained, byol, optimizer, view1, view2, lr=1e-4, momentum=0.996,
                   precision=args.precision, channels_last=channels_last)
 
-    # 1. plain step on random tensors already on the device
-    noise = torch.randn(2, args.batch, 1, args.crop, args.crop, device=device)
-    for _ in range(args.warmup):
-        step(noise[0], noise[1])
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step(noise[0], noise[1])
-    synchronize(device)
-    plain_s = (time.perf_counter() - start) / args.steps
+    ours_s = time_steps(lambda: step(noise[0], noise[1]), args.warmup, args.steps, device)
+    flops = step_flops(byol, noise, args.precision, channels_last)
 
-    # 2. loader alone
+    # 3. loader alone
     loader = build_loader(str(data), per_rank_batch=args.batch, workers=args.workers,
                           shuffle_buffer=256, seed=0, rank=0,
                           pin_memory=device.type == "cuda")
@@ -126,7 +135,7 @@ def main() -> None:
         next(batches)
     loader_images_per_s = loader_steps * args.batch / (time.perf_counter() - start)
 
-    # 3. the real path: loader -> device -> batched augmentation -> the same step
+    # 4. the real path: loader -> device -> batched augmentation -> medssl's step
     generator = torch.Generator(device=device).manual_seed(0)
     wait = 0.0
     for index in range(args.warmup + args.steps):
@@ -141,30 +150,61 @@ def main() -> None:
     synchronize(device)
     real_s = (time.perf_counter() - start) / args.steps
 
-    plain_views = views_per_step / plain_s
-    real_views = views_per_step / real_s
-    consumption = args.batch / plain_s  # images/s the model can take
+    views = 2 * args.batch
+    plain_views, ours_views, real_views = views / plain_s, views / ours_s, views / real_s
+    consumption = args.batch / plain_s  # images/s the baseline step can take
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    achieved = flops / real_s / 1e12
     print(f"\npretraining throughput on {name}: {args.arch}, batch {args.batch} x 2 views, "
           f"{args.crop} px, precision {args.precision}, compile {args.compile}, "
           f"{args.workers} workers, torch threads {torch.get_num_threads()}")
-    print(f"{'measurement':<34}{'views/s':>10}{'step ms':>10}{'ratio':>10}")
-    print(f"{'plain step, random tensors':<34}{plain_views:>10.1f}{plain_s * 1e3:>10.1f}"
-          f"{1.0:>10.2f}")
-    print(f"{'real data path':<34}{real_views:>10.1f}{real_s * 1e3:>10.1f}"
-          f"{real_views / plain_views:>10.2f}")
-    print(f"{'loader alone (images/s)':<34}{loader_images_per_s:>10.1f}{'':>10}"
-          f"{loader_images_per_s / consumption:>10.2f}  (vs images/s the step consumes)")
+    print(f"{'measurement':<40}{'views/s':>10}{'step ms':>10}{'ratio':>10}")
+    for label, value, seconds in (
+            ("plain timm+PyTorch step, random tensors", plain_views, plain_s),
+            ("medssl step, random tensors", ours_views, ours_s),
+            ("medssl real data path", real_views, real_s)):
+        print(f"{label:<40}{value:>10.1f}{seconds * 1e3:>10.1f}{value / plain_views:>10.2f}")
+    print(f"{'loader alone (images/s)':<40}{loader_images_per_s:>10.1f}{'':>10}"
+          f"{loader_images_per_s / consumption:>10.2f}  (vs images/s the baseline consumes)")
     print(f"data wait: {100 * wait / (real_s * args.steps):.1f}% of real-path step time")
+    mfu = f", MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}" \
+        if device.type == "cuda" else ""
+    print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP; real path {achieved:.1f} TFLOP/s{mfu}")
     print(json.dumps({
         "device": name, "arch": args.arch, "batch": args.batch, "crop": args.crop,
         "precision": args.precision, "compile": args.compile, "workers": args.workers,
-        "plain_views_per_s": round(plain_views, 1), "real_views_per_s": round(real_views, 1),
+        "plain_views_per_s": round(plain_views, 1), "ours_views_per_s": round(ours_views, 1),
+        "real_views_per_s": round(real_views, 1),
         "real_over_plain": round(real_views / plain_views, 3),
         "loader_images_per_s": round(loader_images_per_s, 1),
         "loader_over_consumption": round(loader_images_per_s / consumption, 3),
         "data_wait_fraction": round(wait / (real_s * args.steps), 4),
+        "tflops_per_step": round(flops / 1e12, 3), "real_tflops_per_s": round(achieved, 1),
     }))
+
+
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step after ``warmup`` untimed steps (which include compilation)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def step_flops(byol, noise: torch.Tensor, precision: str, channels_last: bool) -> float:
+    """Model FLOPs of one forward + backward (eager, counted by PyTorch's FLOP counter)."""
+    views = [v.contiguous(memory_format=torch.channels_last) if channels_last else v
+             for v in noise]
+    with FlopCounterMode(display=False) as counter:
+        with autocast_for(noise.device, precision):
+            loss = byol(views[0], views[1])
+        loss.backward()
+    byol.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 if __name__ == "__main__":

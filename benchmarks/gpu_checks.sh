@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent H100/H200 (finishes in about 6 minutes):
+#   1. pretraining throughput at the design's settings -- ResNet-50 BYOL, 224 px crops,
+#      batch 256 x 2 views, bf16, channels_last, torch.compile -- next to a plain
+#      timm + PyTorch step in the same process; loader alone; data wait; MFU;
+#   2. the pretraining engine itself on CUDA (python -m pretrain, compiled, bf16), run,
+#      then resumed for one more epoch from its checkpoint.
+# The GPU image lacks webdataset, zarr and nibabel: pass a folder of their wheels as
+# WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
+# carry there, so its GPU pipeline is not measured here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if [[ -n "${WHEELS:-}" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/medssl-site "$WHEELS"/*.whl
+    export PYTHONPATH="/tmp/medssl-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+WORK=${WORK:-/tmp/medssl-gpu}
+mkdir -p "$WORK"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+echo "cpus $(nproc), /dev/shm $(df -h /dev/shm | awk 'NR==2 {print $2}')"
+
+echo "== 1. pretraining throughput: ResNet-50 BYOL, 224 px, batch 256, bf16, compiled"
+timeout 330 python3 benchmarks/pretrain_throughput.py --work "$WORK" --arch resnet50 \
+    --batch 256 --crop 224 --image-size 256 --patients 12 --workers 10 --steps 30 \
+    --warmup 5 --precision bf16 --compile
+
+echo "== 2. engine on CUDA: python -m pretrain (resnet18, compiled), then resume"
+run=(python3 -m pretrain data.path="$WORK/prepared_256" data.batch_size=256
+     data.crop_size=224 data.workers=8 data.epoch_samples=2560 model.arch=resnet18
+     run.out="$WORK/engine_run" run.compile=true run.progress=false run.log_every=5)
+start=$SECONDS
+timeout 150 "${run[@]}" optim.epochs=2
+timeout 90 "${run[@]}" optim.epochs=3
+echo "engine: 3 epochs of 10 steps (2, then 1 resumed) in $((SECONDS - start)) s"
+python3 - "$WORK/engine_run" <<'PY'
+import json, sys
+from pathlib import Path
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run = Path(sys.argv[1])
+events = EventAccumulator(str(run / "tensorboard")).Reload()
+for tag in ("loss", "views_per_s", "data_wait_fraction"):
+    name = next((t for t in events.Tags()["scalars"] if t.endswith(tag)), None)
+    if name:
+        values = [round(e.value, 3) for e in events.Scalars(name)]
+        print(f"{name}: steps {[e.step for e in events.Scalars(name)]} values {values}")
+print(json.loads((run / "export" / "backbone.json").read_text()))
+PY
