@@ -21,7 +21,6 @@ from data_prep.nifti import (
     DataError,
     check_labels,
     load_nifti,
-    load_nifti_header_shape,
     voxel_spacing,
 )
 from data_prep.volume import Volume
@@ -39,6 +38,10 @@ class AcdcPatient:
     es_frame: int
     group: str
     n_frames: int | None
+
+    @property
+    def info_path(self) -> Path:
+        return self.folder / "Info.cfg"
 
     @property
     def cine_path(self) -> Path:
@@ -72,8 +75,13 @@ def read_info_cfg(path: Path) -> dict[str, str]:
     return entries
 
 
-def discover_patients(root: str | Path) -> list[AcdcPatient]:
-    """All patient folders under ``root`` (an ACDC root or one of its subsets), by number."""
+def discover_patients(root: str | Path, problems: list[str] | None = None
+                      ) -> list[AcdcPatient]:
+    """All patient folders under ``root`` (an ACDC root or one of its subsets), by number.
+
+    With a ``problems`` list, a patient whose Info.cfg is missing or malformed is left out
+    and the error appended there instead of raised.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: ACDC root folder does not exist")
@@ -84,7 +92,13 @@ def discover_patients(root: str | Path) -> list[AcdcPatient]:
         match = _PATIENT_DIR.match(folder.name)
         if not (folder.is_dir() and match):
             continue
-        info = read_info_cfg(folder / "Info.cfg")
+        try:
+            info = read_info_cfg(folder / "Info.cfg")
+        except DataError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            continue
         n_frames = info.get("NbFrame")
         patients.append(AcdcPatient(
             name=folder.name, number=int(match.group(1)), folder=folder,
@@ -113,6 +127,7 @@ def load_labeled_frames(patient: AcdcPatient) -> Iterator[Volume]:
             patient=patient.name, frame=frame, image=image,
             spacing=voxel_spacing(image_path, zooms),
             source=image_path, mask=mask.astype(np.uint8), meta={"group": patient.group},
+            files=(image_path, label_path, patient.info_path),
         )
 
 
@@ -127,8 +142,6 @@ def load_cine_frames(patient: AcdcPatient, stride: int = 1) -> Iterator[Volume]:
         yield Volume(
             patient=patient.name, frame=index + 1, image=np.ascontiguousarray(data[..., index]),
             spacing=spacing, source=patient.cine_path, meta={"group": patient.group},
+            files=(patient.cine_path, patient.info_path),
         )
 
-
-def cine_shape(patient: AcdcPatient) -> tuple[int, ...]:
-    return load_nifti_header_shape(patient.cine_path)

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="re-read every shard and array, check the manifest")
     verify.add_argument("folder")
+    verify.add_argument("--source", help="raw dataset root: also check every source file's "
+                        "sha256 against the manifest")
     return parser
 
 
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         from data_prep.verify import verify_dataset
 
-        problems = verify_dataset(args.folder)
+        problems = verify_dataset(args.folder, args.source)
         for problem in problems:
             print(problem, file=sys.stderr)
         print(f"{args.folder}: {'OK' if not problems else f'{len(problems)} problem(s)'}")

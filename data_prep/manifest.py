@@ -10,7 +10,7 @@ from typing import Any
 from cluster.atomic import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Manifest:
     source_format: str
     classes: dict[str, str]  # class id (as text, JSON keys are strings) -> name
     image_size: int
+    channels: int  # 1 for medical data; 3 for natural images kept in colour
     normalization: dict[str, Any]
     splits: dict[str, list[str]]  # split -> patient names
     counts: dict[str, Any]
@@ -28,6 +29,8 @@ class Manifest:
     labeled_store: dict[str, Any]  # path and slices per split
     slice_index: str
     pretrain_splits: list[str]
+    source_files: dict[str, str]  # path relative to the source root -> sha256
+    warnings: list[dict[str, str]]  # bad input skipped with skip_bad: patient, problem
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

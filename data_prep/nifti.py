@@ -36,14 +36,6 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return data, zooms
 
 
-def load_nifti_header_shape(path: Path) -> tuple[int, ...]:
-    """Shape from the header alone, without reading voxels (used to plan shard sizes)."""
-    try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from None
-
-
 def voxel_spacing(path: Path, zooms: tuple[float, ...]) -> tuple[float, float, float]:
     """The first three zooms, refusing missing or non-positive spacing."""
     if len(zooms) < 3 or any(z <= 0 for z in zooms[:3]):

@@ -25,7 +25,6 @@ from data_prep.nifti import (
     DataError,
     check_labels,
     load_nifti,
-    load_nifti_header_shape,
     voxel_spacing,
 )
 from data_prep.sources import SourcePatient
@@ -37,8 +36,11 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 class NnunetSource:
     format = "nnunet"
 
-    def __init__(self, root: str, channel: int = 0, slice_axis: int = 2) -> None:
+    def __init__(self, root: str, channel: int = 0, slice_axis: int = 2,
+                 skip_bad: bool = False) -> None:
         self.root = Path(root)
+        self.problems: list[str] = []
+        self._skip_bad = skip_bad
         self.channel, self.slice_axis = channel, slice_axis
         spec_path = self.root / "dataset.json"
         if not spec_path.is_file():
@@ -101,7 +103,11 @@ class NnunetSource:
                 case = image.name[: -len(suffix)]
                 label = self.root / "labelsTr" / f"{case}{ending}" if labeled else None
                 if label is not None and not label.is_file():
-                    raise DataError(f"{label}: label file for {image.name} is missing")
+                    problem = f"{label}: label file for {image.name} is missing"
+                    if not self._skip_bad:
+                        raise DataError(problem)
+                    self.problems.append(problem)
+                    continue
                 cases.setdefault(case, (image, label))
         return cases
 
@@ -124,17 +130,14 @@ class NnunetSource:
         check_labels(label_path, labels, self._move_spacing(label_zooms), image_path,
                      image.shape, spacing, self.classes, "dataset.json labels")
         yield Volume(patient=patient.name, frame=0, image=image, spacing=spacing,
-                     source=image_path, mask=labels.astype(np.uint8))
+                     source=image_path, mask=labels.astype(np.uint8),
+                     files=(image_path, label_path))
 
     def pretrain_volumes(self, patient: SourcePatient) -> Iterator[Volume]:
         image_path, _ = self._cases[patient.name]
         image, spacing = self._load_image(image_path)
         yield Volume(patient=patient.name, frame=0, image=image, spacing=spacing,
                      source=image_path)
-
-    def planned_pretrain_slices(self, patient: SourcePatient) -> int:
-        shape = load_nifti_header_shape(self._cases[patient.name][0])
-        return shape[self.slice_axis]
 
     # -- helpers ---------------------------------------------------------------------------
     def _move_spacing(self, zooms: tuple[float, ...]) -> tuple[float, float, float]:

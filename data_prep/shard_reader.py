@@ -18,8 +18,8 @@ from data_prep.normalize import apply_norm
 @dataclass
 class DecodedSlice:
     key: str
-    image: np.ndarray  # (H, W) float32, normalised
-    raw: np.ndarray  # (H, W) source dtype, as stored
+    image: np.ndarray  # (H, W) or (C, H, W) float32, normalised
+    raw: np.ndarray  # as stored, source dtype
     mask: np.ndarray | None
     meta: dict[str, Any]
 
@@ -58,7 +58,7 @@ def iterate_shards(paths: list[str]) -> wds.WebDataset:
 def image_stream(
     paths: list[str], *, seed: int, shuffle_buffer: int = 1000, split_by_node: bool = True
 ) -> wds.WebDataset:
-    """An endless-per-epoch stream of normalised 1-channel float32 images (1, H, W).
+    """An endless-per-epoch stream of normalised float32 images (C, H, W).
 
     Shards are shuffled each epoch and split across ranks and DataLoader workers, so
     workers only read and decode; augmentation runs batched on the training device.
@@ -73,4 +73,8 @@ def image_stream(
     )
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
-    return dataset.map(lambda s: decode_sample(s).image[None])
+    return dataset.map(lambda s: _with_channel_axis(decode_sample(s).image))
+
+
+def _with_channel_axis(image: np.ndarray) -> np.ndarray:
+    return image[None] if image.ndim == 2 else image

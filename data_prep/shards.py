@@ -7,7 +7,6 @@ no dots, so every WebDataset reader (and DALI's) splits key and extension the sa
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 import webdataset as wds
 
 from cluster.atomic import atomic_write_text
+from data_prep.checksums import sha256_file
 from data_prep.dali_index import SHARD_GLOB, default_index_path, format_index, read_samples
 from data_prep.slices import SliceRecord
 
@@ -57,7 +57,8 @@ class ShardSetWriter:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self._writer = wds.ShardWriter(
-            str(folder / SHARD_PATTERN), maxsize=max_bytes, maxcount=max_samples, verbose=0
+            str(folder / SHARD_PATTERN), maxsize=max_bytes, maxcount=max_samples, verbose=0,
+            mtime=0,  # fixed member times: the same input gives byte-identical shards
         )
 
     def write(self, record: SliceRecord) -> None:
@@ -78,10 +79,3 @@ class ShardSetWriter:
                                    bytes=path.stat().st_size, sha256=sha256_file(path)))
         return infos
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -5,23 +5,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from data_prep.geometry import center_pad_crop
 from data_prep.normalize import NormParams
-from data_prep.volume import Volume
 
 
 @dataclass
 class SliceRecord:
     """One in-plane slice in its source dtype, with what a reader needs to use it."""
 
-    key: str  # WebDataset sample key: letters, digits and underscores, no dots
+    key: str  # WebDataset sample key: letters, digits, underscores, hyphens; no dots
     patient: str
+    volume: str
     frame: int
     slice_index: int
-    image: np.ndarray  # (H, W), source dtype
+    image: np.ndarray  # (H, W), or (C, H, W) for multi-channel data; source dtype
     mask: np.ndarray | None  # (H, W) uint8 class ids
     spacing: tuple[float, float, float]
     norm: NormParams
@@ -30,7 +30,7 @@ class SliceRecord:
     def meta(self) -> dict[str, object]:
         return {
             "patient": self.patient,
-            "volume": f"{self.patient}_frame{self.frame:02d}",
+            "volume": self.volume,
             "frame": self.frame,
             "slice": self.slice_index,
             "spacing": list(self.spacing),
@@ -40,26 +40,20 @@ class SliceRecord:
         }
 
 
-def volume_slices(volume: Volume, norm: NormParams, split: str, size: int) -> Iterator[SliceRecord]:
-    """Cut a volume along its third axis into fixed-size slices."""
-    image = center_pad_crop(volume.image, size, fill=_background(volume.image))
-    mask = center_pad_crop(volume.mask, size, fill=0) if volume.mask is not None else None
-    for z in range(volume.n_slices):
+def staged_slices(patient: str, split: str, volume: dict[str, Any], images: np.ndarray,
+                  masks: np.ndarray | None) -> Iterator[SliceRecord]:
+    """The slices of one staged volume: ``images`` is (slice, [C,] H, W), slices first."""
+    norm = NormParams(*volume["norm"])
+    spacing = tuple(float(s) for s in volume["spacing"])
+    for z in range(images.shape[0]):
         yield SliceRecord(
-            key=_safe_key(f"{volume.patient}_frame{volume.frame:02d}_slice{z:03d}"),
-            patient=volume.patient, frame=volume.frame, slice_index=z,
-            image=np.ascontiguousarray(image[:, :, z]),
-            mask=None if mask is None else np.ascontiguousarray(mask[:, :, z]),
-            spacing=volume.spacing, norm=norm, split=split,
+            key=safe_key(f"{volume['volume']}_slice{z:03d}"),
+            patient=patient, volume=volume["volume"], frame=int(volume["frame"]),
+            slice_index=z, image=images[z], mask=None if masks is None else masks[z],
+            spacing=spacing, norm=norm, split=split,  # type: ignore[arg-type]
         )
 
 
-def _safe_key(key: str) -> str:
+def safe_key(key: str) -> str:
     """WebDataset splits a file name at its first dot: keys keep only [A-Za-z0-9_-]."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", key)
-
-
-def _background(image: np.ndarray) -> float | int:
-    """Pad with the volume's minimum so padding looks like air, not like tissue."""
-    low = image.min()
-    return low.item() if hasattr(low, "item") else low

@@ -21,17 +21,21 @@ class SourcePatient:
 
 
 class DatasetSource(Protocol):
+    """A raw dataset layout. Sources are pickled into ``prepare``'s worker processes, so
+    they hold plain data only; discovery happens in ``__init__``, pixel reads in the
+    volume methods. With ``skip_bad``, discovery problems go to ``problems`` (recorded in
+    the manifest) instead of raising."""
+
     format: str
     modality: str
     classes: dict[int, str]
+    problems: list[str]
 
     def patients(self) -> list[SourcePatient]: ...
 
     def labeled_volumes(self, patient: SourcePatient) -> Iterator[Volume]: ...
 
     def pretrain_volumes(self, patient: SourcePatient) -> Iterator[Volume]: ...
-
-    def planned_pretrain_slices(self, patient: SourcePatient) -> int: ...
 
 
 class AcdcSource:
@@ -41,8 +45,11 @@ class AcdcSource:
     modality = "MR"
     classes = acdc.ACDC_CLASSES
 
-    def __init__(self, root: str, pretrain_frames: str = "cine", frame_stride: int = 1):
-        self._patients = {p.name: p for p in acdc.discover_patients(root)}
+    def __init__(self, root: str, pretrain_frames: str = "cine", frame_stride: int = 1,
+                 skip_bad: bool = False):
+        self.problems: list[str] = []
+        found = acdc.discover_patients(root, self.problems if skip_bad else None)
+        self._patients = {p.name: p for p in found}
         self.pretrain_frames = pretrain_frames
         self.frame_stride = frame_stride
 
@@ -58,11 +65,3 @@ class AcdcSource:
         if self.pretrain_frames == "labeled":
             return acdc.load_labeled_frames(raw)
         return acdc.load_cine_frames(raw, stride=self.frame_stride)
-
-    def planned_pretrain_slices(self, patient: SourcePatient) -> int:
-        raw = self._patients[patient.name]
-        if self.pretrain_frames == "labeled":
-            shape = acdc.load_nifti_header_shape(raw.frame_path(raw.ed_frame))
-            return shape[2] * len(raw.labeled_frames)
-        shape = acdc.cine_shape(raw)
-        return shape[2] * -(-shape[3] // self.frame_stride)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_prep.checksums import sha256_file
 from data_prep.manifest import Manifest
 from data_prep.shard_reader import iterate_shards
-from data_prep.shards import sha256_file
 from data_prep.zarr_store import LabeledSlices
 
 
-def verify_dataset(folder: str | Path) -> list[str]:
-    """Return a list of problems (empty when every shard and array matches the manifest)."""
+def verify_dataset(folder: str | Path, source: str | Path | None = None) -> list[str]:
+    """Return a list of problems (empty when every shard and array matches the manifest).
+
+    With ``source`` (the raw dataset root), also check that every source file the
+    dataset was made from is still there with the same sha256.
+    """
     folder = Path(folder)
     manifest = Manifest.read(folder)
     problems: list[str] = []
+    if source is not None:
+        problems += _check_sources(Path(source), manifest.source_files)
     for expected in manifest.shards:
         path = folder / "shards" / expected["name"]
         if not path.is_file():
@@ -48,4 +54,15 @@ def verify_dataset(folder: str | Path) -> list[str]:
             if image.shape != (manifest.image_size,) * 2 or mask.shape != image.shape:
                 problems.append(f"{store_path}/{split}[{index}]: shape {image.shape}")
                 break
+    return problems
+
+
+def _check_sources(root: Path, expected: dict[str, str]) -> list[str]:
+    problems = []
+    for name, digest in expected.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: source file missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: source file changed since the dataset was prepared")
     return problems

@@ -2,11 +2,13 @@
 
 Layout (one group per split)::
 
-    labeled.zarr/<split>/image     (N, H, W) source dtype, chunks (1, H, W), zstd
+    labeled.zarr/<split>/image     (N, H, W) source dtype, chunks (1, H, W), zstd, in
+                                   shards of up to 256 slices per file
     labeled.zarr/<split>/mask      (N, H, W) uint8 class ids
     labeled.zarr/<split>/norm      (N, 4)    float64 (offset, scale, low, high) per slice
     labeled.zarr/<split>/spacing   (N, 3)    float32 mm (x, y, slice)
     labeled.zarr/<split>/patient   (N,)      int32 index into attrs["patients"]
+    labeled.zarr/<split>/volume    (N,)      int32 index into attrs["volumes"]
     labeled.zarr/<split>/frame     (N,)      int16
     labeled.zarr/<split>/slice     (N,)      int16
 """
@@ -25,33 +27,41 @@ from data_prep.normalize import apply_norm
 from data_prep.slices import SliceRecord
 
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+# One slice per chunk keeps random access cheap; sharding packs chunks into few files
+# (writing one file per slice costs milliseconds each and floods cluster file systems).
+SLICES_PER_SHARD = 256
 
 
 def write_split(root: zarr.Group, split: str, records: Sequence[SliceRecord]) -> int:
     """Write the labeled ``records`` of one split as a group of ``root``; return the count."""
     group = root.create_group(split)
     patients = sorted({r.patient for r in records})
+    volumes = sorted({r.volume for r in records})
     group.attrs["patients"] = patients
+    group.attrs["volumes"] = volumes
     if not records:
         group.attrs["count"] = 0
         return 0
-    height, width = records[0].image.shape
     images = np.stack([r.image for r in records])
     masks = np.stack([_require_mask(r) for r in records])
     patient_index = {name: i for i, name in enumerate(patients)}
+    volume_index = {name: i for i, name in enumerate(volumes)}
     columns = {
-        "image": (images, (1, height, width), _COMPRESSOR),
-        "mask": (masks, (1, height, width), _COMPRESSOR),
+        "image": (images, (1, *images.shape[1:]), _COMPRESSOR),
+        "mask": (masks, (1, *masks.shape[1:]), _COMPRESSOR),
         "norm": (np.array([r.norm.as_array() for r in records], np.float64), None,
                  "auto"),
         "spacing": (np.array([r.spacing for r in records], np.float32), None, "auto"),
         "patient": (np.array([patient_index[r.patient] for r in records], np.int32), None,
                     "auto"),
+        "volume": (np.array([volume_index[r.volume] for r in records], np.int32), None,
+                   "auto"),
         "frame": (np.array([r.frame for r in records], np.int16), None, "auto"),
         "slice": (np.array([r.slice_index for r in records], np.int16), None, "auto"),
     }
     for name, (data, chunks, compressors) in columns.items():
-        group.create_array(name, data=data, chunks=chunks or data.shape,
+        shards = (min(SLICES_PER_SHARD, len(data)), *data.shape[1:]) if chunks else None
+        group.create_array(name, data=data, chunks=chunks or data.shape, shards=shards,
                            compressors=compressors)
     group.attrs["count"] = len(records)
     return len(records)
@@ -79,6 +89,7 @@ class LabeledSlices:
         self.split = split
         self.group = root[split]
         self.patients: list[str] = list(self.group.attrs["patients"])
+        self.volumes: list[str] = list(self.group.attrs["volumes"])
         self._count = int(self.group.attrs["count"])
 
     def __len__(self) -> int:
@@ -107,8 +118,12 @@ class LabeledSlices:
     def patient_of(self, index: int) -> str:
         return self.patients[int(self.patient_index[index])]
 
+    @cached_property
+    def volume_index(self) -> np.ndarray:
+        return self.group["volume"][:]
+
     def volume_of(self, index: int) -> str:
-        return f"{self.patient_of(index)}_frame{int(self.frames[index]):02d}"
+        return self.volumes[int(self.volume_index[index])]
 
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored image (source dtype) and mask of slice ``index``."""

@@ -50,7 +50,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         raise ValueError("run.out: a run directory is required")
     if not config.data.path:
         raise ValueError("data.path: a prepared dataset folder is required")
-    Manifest.read(config.data.path)  # fail fast on a folder that is not a prepared dataset
+    manifest = Manifest.read(config.data.path)  # fails fast on a folder that is not one
+    if manifest.channels != config.model.in_chans:
+        raise ValueError(f"model.in_chans is {config.model.in_chans} but {config.data.path} "
+                         f"holds {manifest.channels}-channel images")
     dist_info = init_distributed(prefer_cuda=config.run.device == "auto")
     try:
         return _train(config, dist_info)

@@ -153,6 +153,9 @@ def test_bad_nnunet_inputs_name_the_file(nnunet_root: Path, tmp_path: Path) -> N
     _save(label_path, data[:-1], label.header.get_zooms())
     with pytest.raises(DataError, match=r"heart_003\.nii\.gz: label shape"):
         prepare_dataset(config, progress=False)
+    (broken / "dataset.json").write_text('{"labels": {"background": 0,')
+    with pytest.raises(DataError, match=r"dataset\.json: not valid JSON"):
+        prepare_dataset(config, progress=False)
     (broken / "dataset.json").unlink()
     with pytest.raises(DataError, match=r"dataset\.json is missing"):
         prepare_dataset(config, progress=False)
