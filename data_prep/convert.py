@@ -7,6 +7,7 @@ checked before anything is written for it; a bad file raises ``DataError`` namin
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -55,11 +56,12 @@ _worker_state: dict[str, Any] = {}
 
 
 def start_worker(source: DatasetSource, config: PrepareConfig) -> None:
-    # One thread per worker: the pool is the parallelism. Set before torch (used only
-    # for resampling) is first imported in this process.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
+    if multiprocessing.parent_process() is not None:
+        # One thread per worker process: the pool is the parallelism. Set before torch
+        # (used only for resampling) is first imported there.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
     _worker_state.update(source=source, config=config)
 
 

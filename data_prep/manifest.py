@@ -23,6 +23,7 @@ class Manifest:
     channels: int  # 1 for medical data; 3 for natural images kept in colour
     normalization: dict[str, Any]
     splits: dict[str, list[str]]  # split -> patient names
+    patient_meta: dict[str, dict[str, Any]]  # patient -> reader metadata (e.g. ACDC group)
     counts: dict[str, Any]
     spacing_stats: dict[str, list[float]]
     shards: list[dict[str, Any]]  # name, samples, bytes, sha256

@@ -26,6 +26,7 @@ class SliceRecord:
     spacing: tuple[float, float, float]
     norm: NormParams
     split: str
+    info: dict[str, object] | None = None  # the reader's metadata (pathology group, series)
 
     def meta(self) -> dict[str, object]:
         return {
@@ -37,20 +38,24 @@ class SliceRecord:
             "norm": self.norm.as_list(),
             "split": self.split,
             "labeled": self.mask is not None,
+            "info": self.info or {},
         }
 
 
 def staged_slices(patient: str, split: str, volume: dict[str, Any], images: np.ndarray,
-                  masks: np.ndarray | None) -> Iterator[SliceRecord]:
+                  masks: np.ndarray | None, slices: range | None = None
+                  ) -> Iterator[SliceRecord]:
     """The slices of one staged volume: ``images`` is (slice, [C,] H, W), slices first."""
     norm = NormParams(*volume["norm"])
     spacing = tuple(float(s) for s in volume["spacing"])
-    for z in range(images.shape[0]):
+    for z in slices if slices is not None else range(images.shape[0]):
         yield SliceRecord(
             key=safe_key(f"{volume['volume']}_slice{z:03d}"),
             patient=patient, volume=volume["volume"], frame=int(volume["frame"]),
-            slice_index=z, image=images[z], mask=None if masks is None else masks[z],
+            slice_index=z, image=np.asarray(images[z]),
+            mask=None if masks is None else np.asarray(masks[z]),
             spacing=spacing, norm=norm, split=split,  # type: ignore[arg-type]
+            info=volume.get("meta") or {},
         )
 
 

@@ -38,6 +38,12 @@ def test_manifest_describes_the_dataset(prepared: Path) -> None:
         assert index.read_text().startswith(f"v1.2 {shard['samples']}\n")
     assert sum(s["samples"] for s in manifest.shards) == manifest.counts["pretrain_slices"]
     assert manifest.spacing_stats["min"][2] >= 5.0  # slice thickness from the NIfTI headers
+    # the pathology group of every patient, from Info.cfg, in the manifest and the samples
+    groups = {name: meta["group"] for name, meta in manifest.patient_meta.items()}
+    assert sorted(groups) == [f"patient{i:03d}" for i in range(1, 13)]
+    assert set(groups.values()) <= {"NOR", "MINF", "DCM", "HCM", "RV"}
+    sample = next(iter(iterate_shards(shard_paths(prepared))))
+    assert sample.meta["info"] == {"group": groups[sample.meta["patient"]]}
 
 
 def test_splits_are_disjoint_by_patient(prepared: Path) -> None:

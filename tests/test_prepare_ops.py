@@ -100,19 +100,28 @@ def test_killed_prepare_resumes_without_redoing_finished_patients(phantom_root: 
                                start_new_session=True)
     units = out / STAGING_DIR / "units"
     deadline = time.monotonic() + 120
-    while len(list(units.glob("*.npz"))) < 2 and process.poll() is None:
+    def finished_units() -> list[Path]:
+        return [p for p in units.glob("patient*") if ".tmp-" not in p.name] \
+            if units.is_dir() else []
+
+    while len(finished_units()) < 2 and process.poll() is None:
         assert time.monotonic() < deadline, "prepare staged nothing in 120 s"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in units.glob("*.npz")}
+    finished = finished_units()
     assert 2 <= len(finished) < 6
     assert not (out / "manifest.json").exists() and not (out / "shards").exists()
+    # Mark one finished unit: if the resumed run reuses it, the mark reaches the manifest.
+    meta_path = finished[0] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "source_bytes": meta["source_bytes"] + 1}))
 
-    prepare_dataset(_config(source, out, workers=1), progress=False)
+    resumed = prepare_dataset(_config(source, out, workers=1), progress=False)
     clean = prepare_dataset(_config(source, tmp_path / "clean", workers=2), progress=False)
+    assert resumed.counts["source_bytes"] == clean.counts["source_bytes"] + 1
     assert _shard_digests(out) == _shard_digests(tmp_path / "clean")
-    assert Manifest.read(out).counts == clean.counts
+    assert resumed.splits == clean.splits
     assert not (out / STAGING_DIR).exists()
     leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
@@ -127,7 +136,7 @@ def test_resume_reconverts_a_patient_whose_source_changed(phantom_root: Path,
     with pytest.raises(DataError, match=r"patient004_4d\.nii\.gz"):
         prepare_dataset(_config(source, out, workers=1), progress=False)
     staged = out / STAGING_DIR / "units"
-    assert [p.name for p in staged.glob("*.npz")] == ["patient003.npz"]
+    assert [p.name for p in staged.iterdir()] == ["patient003"]
     shutil.copy(phantom_root / "training" / "patient004" / frame.name, frame)
     manifest = prepare_dataset(_config(source, out, workers=1), progress=False)
     assert manifest.counts["patients"]["train"] == 2
@@ -184,7 +193,7 @@ def test_each_bad_input_is_named_and_skip_bad_records_it(case: str, phantom_root
     with pytest.raises(DataError, match=message):
         prepare_dataset(_config(source, out, workers=1), progress=False)
     assert not (out / "manifest.json").exists()
-    assert not (out / STAGING_DIR / "units" / "patient003.npz").exists()
+    assert not (out / STAGING_DIR / "units" / "patient003").exists()
 
     manifest = prepare_dataset(_config(source, out, workers=1, skip_bad=True), progress=False)
     assert len(manifest.warnings) == 1
