@@ -53,6 +53,8 @@ def assemble(source: DatasetSource, units: list[tuple[Path, dict[str, Any]]],
     atomic_write_text(out / "slices.csv", _index_csv(index_rows))
 
     warnings = [{"patient": name, "problem": problem} for name, problem in skipped.items()]
+    warnings += [{"patient": meta["patient"], "problem": problem}
+                 for _, meta in units for problem in meta.get("warnings", [])]
     warnings += [{"patient": "", "problem": problem}
                  for problem in getattr(source, "problems", [])]
     source_files = {name: digest for _, meta in units for name, digest in meta["files"].items()}

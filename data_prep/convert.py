@@ -39,7 +39,9 @@ def convert_patient(source: DatasetSource, patient: SourcePatient, split: str,
                     config: PrepareConfig, unit: Path) -> dict[str, Any]:
     """Stage ``patient`` into ``unit``; return the unit's description."""
     meta: dict[str, Any] = {"patient": patient.name, "split": split, "volumes": [],
-                            "files": {}, "source_bytes": 0, "skipped": None}
+                            "files": {}, "source_bytes": 0, "skipped": None, "warnings": []}
+    problems = getattr(source, "problems", [])
+    known = len(problems)
     try:
         arrays = _convert(source, patient, split, config, meta)
     except DataError as exc:
@@ -47,6 +49,8 @@ def convert_patient(source: DatasetSource, patient: SourcePatient, split: str,
             raise
         meta.update(volumes=[], files={}, source_bytes=0, skipped=str(exc))
         arrays = {}
+    # Files a source left out itself (skip_bad) while reading this patient.
+    meta["warnings"] = problems[known:]
     write_unit(unit, meta, arrays)
     return meta
 

@@ -11,8 +11,9 @@ own size (the resize step of ``prepare`` brings them to a common one). With
 palette and grey+alpha images are converted by Pillow; alpha is dropped; 16-bit PNGs are
 scaled to 8 bits (Pillow would clip them). Hidden files and folders are skipped.
 
-With ``skip_bad``, a file whose volume name another file already has is left out and
-recorded in ``problems``; unreadable pixels are found later, by the volume methods.
+With ``skip_bad``, a file whose volume name another file already has, or whose pixels
+cannot be read, is left out and recorded in ``problems``: one corrupt JPEG costs that
+image, not its chunk.
 
 A million files must not become a million patients: the sorted file list is cut into
 chunks of ``chunk_size`` files, patients ``chunk000000``, ``chunk000001``, ..., which are
@@ -58,6 +59,7 @@ class NaturalImageSource:
         self.channels, self.chunk_size = channels, chunk_size
         self.classes = {0: "background"}  # no segmentation classes
         self.problems: list[str] = []
+        self._skip_bad = skip_bad
         if not self.root.is_dir():
             raise DataError(f"{self.root}: folder does not exist")
         # Plain strings keep the object small to pickle for the worker processes.
@@ -78,8 +80,14 @@ class NaturalImageSource:
         start = self._chunk_index(patient.name) * self.chunk_size
         for relative in self._files[start:start + self.chunk_size]:
             path = self.root / relative
-            yield Volume(patient=patient.name, frame=0,
-                         image=read_natural_image(path, self.channels),
+            try:
+                image = read_natural_image(path, self.channels)
+            except DataError as exc:
+                if not self._skip_bad:
+                    raise
+                self.problems.append(str(exc))
+                continue
+            yield Volume(patient=patient.name, frame=0, image=image,
                          spacing=(1.0, 1.0, 1.0), source=path, name=volume_name(relative),
                          files=(path,))
 

@@ -89,10 +89,15 @@ def test_natural_images_in_colour_feed_a_three_channel_encoder(tmp_path: Path) -
             size = (int(rng.integers(30, 60)), int(rng.integers(30, 60)))
             _write_png(root / klass / f"img{index}.png",
                        rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    corrupt = root / "n02" / "img9.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "prepared"
     manifest = prepare_dataset(PrepareConfig(
         source=str(root), out=str(out), format="natural", name="natural", image_size=32,
-        channels=3, chunk_size=4, min_shards=2, workers=1), progress=False)
+        channels=3, chunk_size=4, min_shards=2, workers=2, skip_bad=True), progress=False)
+    # the corrupt file alone is left out (not its chunk), and named in the manifest
+    assert [w["patient"] for w in manifest.warnings] == ["chunk000002"]
+    assert "img9.png" in manifest.warnings[0]["problem"]
     assert manifest.channels == 3 and manifest.splits["unlabeled"] == [
         "chunk000000", "chunk000001", "chunk000002"]
     assert manifest.counts["pretrain_slices"] == 10
