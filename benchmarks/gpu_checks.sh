@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent H100/H200 (finishes in about 6 minutes):
+# The GPU checks, as one script for a lent H100/H200 (finishes in about 7 minutes):
 #   1. pretraining throughput at the design's settings -- ResNet-50 BYOL, 224 px crops,
 #      batch 256 x 2 views, bf16, channels_last, torch.compile -- next to a plain
 #      timm + PyTorch step in the same process; loader alone; data wait; MFU;
 #   2. the pretraining engine itself on CUDA (python -m pretrain, compiled, bf16), run,
-#      then resumed for one more epoch from its checkpoint.
+#      then resumed for one more epoch from its checkpoint;
+#   3. each method (SimCLR, Barlow Twins, VICReg, BYOL) with LARS through the engine.
 # The GPU image lacks webdataset, zarr and nibabel: pass a folder of their wheels as
 # WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
 # carry there, so its GPU pipeline is not measured here.
@@ -23,12 +24,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 echo "cpus $(nproc), /dev/shm $(df -h /dev/shm | awk 'NR==2 {print $2}')"
 
+SECTIONS=${SECTIONS:-"1 2 3"}  # e.g. SECTIONS="2 3" to rerun only the engine checks
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from pretrain_throughput import make_dataset; make_dataset(Path('$WORK'), 256, 12)"
+
+[[ " $SECTIONS " == *" 1 "* ]] && {
 echo "== 1. pretraining throughput: ResNet-50 BYOL, 224 px, batch 256, bf16, compiled"
 timeout 330 python3 benchmarks/pretrain_throughput.py --work "$WORK" --arch resnet50 \
-    --batch 256 --crop 224 --image-size 256 --patients 12 --workers 10 --steps 30 \
+    --batch 256 --crop 224 --image-size 256 --patients 12 --workers 10 --steps ${STEPS:-30} \
     --warmup 5 --precision bf16 --compile
+}
 
-echo "== 2. engine on CUDA: python -m pretrain (resnet18, compiled), then resume"
+[[ " $SECTIONS " == *" 2 "* ]] && {
+echo "== 2. engine on CUDA: python -m pretrain (resnet18, compiled BYOL), then resume"
 run=(python3 -m pretrain data.path="$WORK/prepared_256" data.batch_size=256
      data.crop_size=224 data.workers=8 data.epoch_samples=2560 model.arch=resnet18
      run.out="$WORK/engine_run" run.compile=true run.progress=false run.log_every=5)
@@ -49,3 +57,26 @@ for tag in ("loss", "views_per_s", "data_wait_fraction"):
         print(f"{name}: steps {[e.step for e in events.Scalars(name)]} values {values}")
 print(json.loads((run / "export" / "backbone.json").read_text()))
 PY
+}
+
+[[ " $SECTIONS " == *" 3 "* ]] && {
+echo "== 3. every method on CUDA (resnet18, bf16, eager), 1 epoch of 10 steps each"
+for spec in "simclr lars 0.3" "barlow_twins lars 0.2" "vicreg lars 0.3" "byol lars 0.3"; do
+    read -r method optimizer lr <<<"$spec"
+    start=$SECONDS
+    timeout 90 python3 -m pretrain data.path="$WORK/prepared_256" data.batch_size=256 \
+        data.crop_size=224 data.workers=8 data.epoch_samples=2560 model.arch=resnet18 \
+        method.name="$method" optim.name="$optimizer" optim.lr="$lr" optim.epochs=1 \
+        run.out="$WORK/method_$method" run.progress=false run.log_every=5 >/dev/null
+    python3 - "$WORK/method_$method" "$method" "$((SECONDS - start))" <<'PY'
+import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run, method, seconds = sys.argv[1:]
+events = EventAccumulator(f"{run}/tensorboard").Reload()
+loss = [round(e.value, 3) for e in events.Scalars("train/loss")]
+speed = [round(e.value) for e in events.Scalars("perf/views_per_s")][-1]
+print(f"{method:<13} loss {loss}  last views/s {speed}  ({seconds} s with start-up)")
+PY
+done
+}
+exit 0

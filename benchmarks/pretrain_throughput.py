@@ -46,7 +46,7 @@ from pretrain.config import (
 )
 from pretrain.data import build_loader
 from pretrain.engine import build_model
-from pretrain.step import autocast_for, byol_step
+from pretrain.step import autocast_for, ssl_step
 
 
 def make_dataset(work: Path, image_size: int, patients: int) -> Path:
@@ -116,7 +116,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in byol.parameters() if p.requires_grad], lr=1e-4)
 
     def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
-        byol_step(trained, byol, optimizer, view1, view2, lr=1e-4, momentum=0.996,
+        ssl_step(trained, byol, optimizer, view1, view2, lr=1e-4, momentum=0.996,
                   precision=args.precision, channels_last=channels_last)
 
     ours_s = time_steps(lambda: step(noise[0], noise[1]), args.warmup, args.steps, device)

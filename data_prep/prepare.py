@@ -10,11 +10,7 @@ from cluster.config import to_dict
 from data_prep.assemble import assemble
 from data_prep.checksums import sha256_file
 from data_prep.convert import convert_in_worker, start_worker
-from data_prep.dicom import DicomSource
-from data_prep.image_folder import ImageFolderSource
 from data_prep.manifest import MANIFEST_NAME, Manifest
-from data_prep.natural_images import NaturalImageSource
-from data_prep.nnunet import NnunetSource
 from data_prep.pool import run_jobs
 from data_prep.prepare_config import PrepareConfig
 from data_prep.sources import AcdcSource, DatasetSource, SourcePatient
@@ -29,7 +25,10 @@ from data_prep.staging import STAGING_DIR, claim_staging, read_unit_meta, unit_p
 
 
 def open_source(config: PrepareConfig) -> DatasetSource:
+    # Readers are imported when chosen: each pulls in its own format libraries.
     if config.format == "images":
+        from data_prep.image_folder import ImageFolderSource
+
         return ImageFolderSource(
             config.source, patient_pattern=config.patient_pattern,
             classes={int(k): str(v) for k, v in config.classes.items()} if config.classes
@@ -39,12 +38,18 @@ def open_source(config: PrepareConfig) -> DatasetSource:
             spacing=config.pixel_spacing, modality=config.modality or "OT",
             to_gray=config.to_gray, skip_bad=config.skip_bad)
     if config.format == "dicom":
+        from data_prep.dicom import DicomSource
+
         return DicomSource(config.source, modality=config.modality_filter or None,
                            skip_bad=config.skip_bad)
     if config.format == "natural":
+        from data_prep.natural_images import NaturalImageSource
+
         return NaturalImageSource(config.source, channels=config.channels,
                                   chunk_size=config.chunk_size, skip_bad=config.skip_bad)
     if config.format == "nnunet":
+        from data_prep.nnunet import NnunetSource
+
         return NnunetSource(config.source, channel=config.channel,
                             slice_axis=config.slice_axis, skip_bad=config.skip_bad)
     return AcdcSource(config.source, config.pretrain_frames, config.cine_frame_stride,

@@ -45,16 +45,23 @@ class AugmentConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["byol"] = "byol"
+    name: Literal["byol", "simclr", "barlow_twins", "vicreg"] = "byol"
+    # Head widths; the papers use 4096/256 (BYOL), 2048/128 (SimCLR), 8192/8192
+    # (Barlow Twins, VICReg).
     projector_hidden: int = 4096
     projection_dim: int = 256
-    tau_base: float = 0.99  # target EMA, cosine-scheduled from tau_base to 1
+    tau_base: float = 0.99  # BYOL: target EMA, cosine-scheduled from tau_base to 1
+    temperature: float = 0.1  # SimCLR
+    lambda_offdiag: float = 5e-3  # Barlow Twins: weight of the off-diagonal terms
+    vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)  # inv., var., cov.
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "lars"] = "adamw"
     lr: float = 1e-3  # for a global batch of 256; scaled linearly with the batch
+    momentum: float = 0.9  # LARS
+    eta: float = 0.001  # LARS trust coefficient (biases and norm weights are not adapted)
     weight_decay: float = 1e-6
     warmup_epochs: float = 1.0
     epochs: int = 10
@@ -70,7 +77,7 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the networks (CUDA)
-    sync_batchnorm: bool = True  # SyncBatchNorm across ranks (CUDA only)
+    sync_batchnorm: bool = True  # BatchNorm statistics over the global batch (multi-process)
 
 
 @dataclass

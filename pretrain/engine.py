@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,11 @@ from pretrain.checkpoint import load_latest, save_checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import build_loader, epoch_length
 from pretrain.export import export_backbone
-from pretrain.methods.byol import BYOL
+from pretrain.methods import SSLMethod, build_method
+from pretrain.optim import build_optimizer, scaled_lr
 from pretrain.schedules import ema_momentum, warmup_cosine
-from pretrain.step import byol_step, check_finite
+from pretrain.step import check_finite, ssl_step
+from pretrain.sync_batchnorm import convert_sync_batchnorm
 from pretrain.weights import create_encoder, load_into_encoder, read_encoder_weights
 
 
@@ -36,12 +37,11 @@ class PretrainResult:
     final_loss: float
 
 
-def build_model(config: PretrainConfig) -> BYOL:
+def build_model(config: PretrainConfig) -> SSLMethod:
     encoder = create_encoder(config.model.arch, config.model.in_chans)
     if config.model.init != "random":
         load_into_encoder(encoder, read_encoder_weights(config.model.init))
-    return BYOL(encoder, encoder.num_features, config.method.projector_hidden,
-                config.method.projection_dim)
+    return build_method(config.method, encoder)
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
@@ -72,7 +72,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                           // config.data.batch_size)
     total_steps = steps_per_epoch * config.optim.epochs
     warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
-    peak_lr = config.optim.lr * config.data.batch_size / 256
+    peak_lr = scaled_lr(config.optim.lr, config.data.batch_size)
 
     torch.manual_seed(config.run.seed + dist.rank)
     channels_last = device.type == "cuda" and config.run.channels_last
@@ -80,15 +80,11 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.distributed and config.run.sync_batchnorm:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif dist.is_main:  # PyTorch's SyncBatchNorm has no CPU implementation
-            print("note: SyncBatchNorm needs CUDA; CPU ranks keep per-rank BatchNorm statistics",
-                  file=sys.stderr)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=peak_lr, weight_decay=config.optim.weight_decay,
-    )
+        # BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, ours elsewhere
+        model = convert_sync_batchnorm(model, device.type)
+    optimizer = build_optimizer(config.optim.name, model, lr=peak_lr,
+                                weight_decay=config.optim.weight_decay,
+                                momentum=config.optim.momentum, eta=config.optim.eta)
     start_epoch, step = 0, 0
     checkpoint = load_latest(run_dir)
     if checkpoint is not None:
@@ -96,7 +92,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-    byol = model
+    method = model
     trained: nn.Module = DistributedDataParallel(model) if dist.distributed else model
     if config.run.compile:
         trained = torch.compile(trained)
@@ -129,8 +125,9 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             view2 = augment_view(images, config.augment.view2, config.data.crop_size, generator)
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             momentum = ema_momentum(step, total_steps, config.method.tau_base)
-            loss = byol_step(trained, byol, optimizer, view1, view2, lr=lr, momentum=momentum,
-                             precision=config.run.precision, channels_last=channels_last)
+            loss = ssl_step(trained, method, optimizer, view1, view2, lr=lr,
+                            momentum=momentum, precision=config.run.precision,
+                            channels_last=channels_last)
             if pending is not None:
                 check_finite(*pending, dist.rank)
             pending = (loss, step)
@@ -149,10 +146,11 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 views_per_s = 2 * config.data.batch_size * steps_since_log / elapsed
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/tau", momentum, step)
+                if method.uses_momentum:
+                    writer.add_scalar("train/tau", momentum, step)
                 writer.add_scalar("perf/views_per_s", views_per_s, step)
                 writer.add_scalar("perf/data_wait_fraction", wait_since_log / elapsed, step)
-                spread = _embedding_std(byol, view1)
+                spread = _embedding_std(method, view1)
                 if torch.isfinite(spread).all():  # diverged weights fail the next loss check
                     writer.add_histogram("collapse/embedding_std", spread, step)
             last_log, steps_since_log, wait_since_log = time.perf_counter(), 0, 0.0
@@ -160,7 +158,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             loss_value = check_finite(*pending, dist.rank)
         if dist.is_main:
             save_checkpoint(run_dir, {
-                "model": byol.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1, "step": step, "config": to_dict(config),
             })
         barrier(dist)
@@ -168,9 +166,9 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     export_dir = run_dir / "export"
     if dist.is_main:
         manifest = Manifest.read(config.data.path)
-        export_backbone(byol.online_encoder, export_dir, {
+        export_backbone(method.online_encoder, export_dir, {
             "architecture": config.model.arch, "in_chans": config.model.in_chans,
-            "num_features": byol.online_encoder.num_features, "method": config.method.name,
+            "num_features": method.online_encoder.num_features, "method": config.method.name,
             "epochs": config.optim.epochs, "steps": step, "init": config.model.init,
             "data": {"name": manifest.name, "path": str(Path(config.data.path).resolve()),
                      "pretrain_slices": manifest.counts["pretrain_slices"]},
@@ -182,21 +180,24 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
 
 
 @torch.no_grad()
-def _embedding_std(byol, views: torch.Tensor) -> torch.Tensor:
+def _embedding_std(method: SSLMethod, views: torch.Tensor) -> torch.Tensor:
     """Per-dimension std of normalised projections: values near 0 signal collapse."""
-    was_training = byol.training
-    byol.eval()
-    projections = byol.online_projector(byol.online_encoder(views[:64].float()))
-    byol.train(was_training)
+    was_training = method.training
+    method.eval()
+    projections = method.embed(views[:64].float())
+    method.train(was_training)
     return torch.nn.functional.normalize(projections, dim=1).std(dim=0).cpu()
 
 
 def _check_resumable(checkpoint: dict, config: PretrainConfig, run_dir: Path) -> None:
-    saved = checkpoint.get("config", {})
-    for section in ("model", "method"):
-        if saved.get(section) != to_dict(config)[section]:
-            raise ValueError(f"{run_dir}: its checkpoint was made with another {section} "
-                             f"config ({saved.get(section)}); use a new run.out")
+    saved, current = checkpoint.get("config", {}), to_dict(config)
+    pairs = {"model": (saved.get("model"), current["model"]),
+             "method": (saved.get("method"), current["method"]),
+             "optim.name": (saved.get("optim", {}).get("name"), current["optim"]["name"])}
+    for key, (before, now) in pairs.items():
+        if before != now:
+            raise ValueError(f"{run_dir}: its checkpoint was made with another {key} "
+                             f"({before}, now {now}); use a new run.out")
 
 
 def _log_view_pairs(writer: SummaryWriter, view1: torch.Tensor, view2: torch.Tensor,

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from pretrain.methods.byol import BYOL
+from pretrain.methods.base import SSLMethod
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -22,14 +22,15 @@ def autocast_for(device: torch.device, precision: str):
     return nullcontext()
 
 
-def byol_step(trained: nn.Module, byol: BYOL, optimizer: torch.optim.Optimizer,
-              view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float,
-              precision: str = "auto", channels_last: bool = False) -> torch.Tensor:
-    """Forward both views, step the optimizer, move the target; return the loss (on device).
+def ssl_step(trained: nn.Module, method: SSLMethod, optimizer: torch.optim.Optimizer,
+             view1: torch.Tensor, view2: torch.Tensor, *, lr: float, momentum: float,
+             precision: str = "auto", channels_last: bool = False) -> torch.Tensor:
+    """Forward both views, step the optimizer, let the method move its target (BYOL);
+    return the loss (on device).
 
     ``trained`` is what runs the forward pass (the DDP wrapper or a compiled module),
-    ``byol`` the plain module whose target network is updated. The loss is returned
-    without a host sync so the next step can be queued while this one runs.
+    ``method`` the plain module. The loss is returned without a host sync so the next
+    step can be queued while this one runs.
     """
     if channels_last:
         view1 = view1.contiguous(memory_format=torch.channels_last)
@@ -41,7 +42,7 @@ def byol_step(trained: nn.Module, byol: BYOL, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    byol.update_target(momentum)
+    method.after_step(momentum)
     return loss.detach()
 
 

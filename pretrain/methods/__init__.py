@@ -1,1 +1,32 @@
 """Self-supervised methods: networks around an encoder that produce a training loss."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pretrain.config import MethodConfig
+from pretrain.methods.barlow_twins import BarlowTwins
+from pretrain.methods.base import SSLMethod
+from pretrain.methods.byol import BYOL
+from pretrain.methods.simclr import SimCLR
+from pretrain.methods.vicreg import VICReg
+
+
+def build_method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
+    """The method named by ``config.name`` around ``encoder`` (a timm model, no head)."""
+    features = encoder.num_features
+    if config.name == "byol":
+        return BYOL(encoder, features, config.projector_hidden, config.projection_dim)
+    if config.name == "simclr":
+        return SimCLR(encoder, features, config.projector_hidden, config.projection_dim,
+                      config.temperature)
+    if config.name == "barlow_twins":
+        return BarlowTwins(encoder, features, config.projector_hidden, config.projection_dim,
+                           config.lambda_offdiag)
+    if config.name == "vicreg":
+        return VICReg(encoder, features, config.projector_hidden, config.projection_dim,
+                      tuple(config.vicreg_weights))  # type: ignore[arg-type]
+    raise ValueError(f"method.name: unknown method {config.name!r}")
+
+
+__all__ = ["BYOL", "BarlowTwins", "SSLMethod", "SimCLR", "VICReg", "build_method"]

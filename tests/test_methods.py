@@ -1,0 +1,57 @@
+"""Each self-supervised method around a timm encoder: a step learns, the head is watched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import MethodConfig
+from pretrain.methods import build_method
+from pretrain.step import ssl_step
+from pretrain.weights import create_encoder
+
+METHODS = ["byol", "simclr", "barlow_twins", "vicreg"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_steps_reduce_its_loss_on_a_fixed_batch(name: str) -> None:
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name=name, projector_hidden=64, projection_dim=32),
+                          create_encoder("resnet18", 1))
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad],
+                                  lr=1e-3)
+    views = torch.randn(2, 16, 1, 32, 32)
+    encoder_before = [p.detach().clone() for p in method.online_encoder.parameters()]
+    losses = [float(ssl_step(method, method, optimizer, views[0], views[1], lr=1e-3,
+                             momentum=0.99)) for _ in range(6)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    changed = [not torch.equal(a, b) for a, b in
+               zip(encoder_before, method.online_encoder.parameters())]
+    assert all(changed)  # every encoder parameter receives a gradient
+    assert method.embed(views[0]).shape == (16, 32)
+    if name == "byol":  # only BYOL has a momentum target, moved after each step
+        assert method.uses_momentum
+        assert not any(p.requires_grad for p in method.target_parameters())
+    else:
+        assert not method.uses_momentum
+
+
+def test_a_contrastive_method_with_lars_through_the_engine(prepared: Path,
+                                                          tmp_path: Path) -> None:
+    from pretrain.engine import pretrain
+    from tests.conftest import small_pretrain_config
+
+    config = small_pretrain_config(prepared, tmp_path / "run")
+    config.method.name = "vicreg"
+    config.optim.name, config.optim.lr = "lars", 0.3
+    config.optim.epochs = 1
+    result = pretrain(config)
+    meta = (result.export_dir / "backbone.json").read_text()
+    assert '"method": "vicreg"' in meta
+    checkpoint = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert [g["lars_adapt"] for g in groups] == [True, False]  # norms and biases excluded
+    assert torch.isfinite(torch.tensor(result.final_loss))
