@@ -78,6 +78,11 @@ class RunConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the networks (CUDA)
     sync_batchnorm: bool = True  # BatchNorm statistics over the global batch (multi-process)
+    # Checkpoints: checkpoints/last.pt at every epoch end and every N steps (0: epochs
+    # only); the end-of-epoch checkpoints of keep_epochs are also kept as epochNNNN.pt
+    # (to study how pretraining length affects fine-tuning).
+    checkpoint_every: int = 0
+    keep_epochs: list[int] = field(default_factory=list)
 
 
 @dataclass

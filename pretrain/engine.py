@@ -17,7 +17,7 @@ from cluster.distributed import DistInfo, barrier, init_distributed, shutdown
 from cluster.run_dir import write_run_info
 from data_prep.manifest import Manifest
 from pretrain.augment import augment_view
-from pretrain.checkpoint import load_latest, save_checkpoint
+from pretrain.checkpoint import gather_rng, load_latest, restore_rng, save_checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import build_loader, epoch_length
 from pretrain.export import export_backbone
@@ -85,37 +85,63 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     optimizer = build_optimizer(config.optim.name, model, lr=peak_lr,
                                 weight_decay=config.optim.weight_decay,
                                 momentum=config.optim.momentum, eta=config.optim.eta)
-    start_epoch, step = 0, 0
+    start_epoch, step, position = 0, 0, 0
     checkpoint = load_latest(run_dir)
     if checkpoint is not None:
         _check_resumable(checkpoint, config, run_dir)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        position = int(checkpoint.get("position", 0))
+        restore_rng(checkpoint.get("rng", []), dist.rank, dist.world_size)
     method = model
     trained: nn.Module = DistributedDataParallel(model) if dist.distributed else model
     if config.run.compile:
         trained = torch.compile(trained)
 
-    loader = build_loader(
-        config.data.path, per_rank_batch=per_rank_batch, workers=config.data.workers,
-        shuffle_buffer=config.data.shuffle_buffer, seed=config.run.seed + start_epoch,
-        rank=dist.rank, pin_memory=device.type == "cuda",
-    )
     writer = None
     if dist.is_main:
         write_run_info(run_dir, config, {"world_size": dist.world_size})
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step",
                disable=not (dist.is_main and config.run.progress))
-    batches = iter(loader)
     loss_value = float("nan")
     pending: tuple[torch.Tensor, int] | None = None  # checked one step late: no host sync
     last_log, steps_since_log = time.perf_counter(), 0
     wait_since_log = 0.0
+    launch_step = step
+
+    def checkpoint_now(epoch_done: int, batches_done: int) -> None:
+        """Save the full state; never one whose last loss was not finite."""
+        nonlocal pending, loss_value
+        if pending is not None:
+            loss_value = check_finite(*pending, dist.rank)
+            pending = None
+        rng = gather_rng(dist)
+        if dist.is_main:
+            keep = f"epoch{epoch_done:04d}.pt" if batches_done == 0 and \
+                epoch_done in config.run.keep_epochs else None
+            save_checkpoint(run_dir, {
+                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch_done, "position": batches_done, "step": step, "rng": rng,
+                "world_size": dist.world_size, "config": to_dict(config),
+            }, keep_as=keep)
+        barrier(dist)
+
     for epoch in range(start_epoch, config.optim.epochs):
         trained.train()
-        for _ in range(steps_per_epoch):
+        # One loader per epoch, seeded by the epoch: a resumed run sees the same batches
+        # as an uninterrupted one, skipping those its checkpoint had already consumed.
+        loader = build_loader(
+            config.data.path, per_rank_batch=per_rank_batch, workers=config.data.workers,
+            shuffle_buffer=config.data.shuffle_buffer, seed=config.run.seed + epoch,
+            rank=dist.rank, pin_memory=device.type == "cuda",
+        )
+        batches = iter(loader)
+        first = position if epoch == start_epoch else 0
+        for _ in range(first):
+            next(batches)
+        for index in range(first, steps_per_epoch):
             wait_start = time.perf_counter()
             images = next(batches).to(device, non_blocking=True)
             wait_since_log += time.perf_counter() - wait_start
@@ -134,12 +160,16 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             step += 1
             steps_since_log += 1
             bar.update(1)
-            if writer is not None and step == start_epoch * steps_per_epoch + 1:
+            if writer is not None and step == launch_step + 1:
                 _log_view_pairs(writer, view1, view2, step)
+            every = config.run.checkpoint_every
+            if every and step % every == 0 and index + 1 < steps_per_epoch:
+                checkpoint_now(epoch, index + 1)
             if not (step % config.run.log_every == 0 or step == 1):
                 continue
-            loss_value = check_finite(loss, step - 1, dist.rank)
-            pending = None  # just checked
+            if pending is not None:
+                loss_value = check_finite(*pending, dist.rank)
+                pending = None  # just checked
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
             if writer is not None:
                 elapsed = time.perf_counter() - last_log
@@ -154,14 +184,10 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 if torch.isfinite(spread).all():  # diverged weights fail the next loss check
                     writer.add_histogram("collapse/embedding_std", spread, step)
             last_log, steps_since_log, wait_since_log = time.perf_counter(), 0, 0.0
+        del batches, loader
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
-        if dist.is_main:
-            save_checkpoint(run_dir, {
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1, "step": step, "config": to_dict(config),
-            })
-        barrier(dist)
+        checkpoint_now(epoch + 1, 0)
     bar.close()
     export_dir = run_dir / "export"
     if dist.is_main:
