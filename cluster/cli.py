@@ -1,29 +1,188 @@
-"""``python -m cluster``: print launch commands for multi-node runs."""
+"""``python -m cluster``: launch recipes for multi-node runs (torchrun, SLURM, DeepSpeed)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
 
-from cluster.launch import format_command, torchrun_command
+from cluster.launch import (
+    DEFAULT_RDZV_PORT,
+    format_command,
+    parse_endpoint,
+    parse_nnodes,
+    torchrun_command,
+)
+
+TORCHRUN_EXAMPLES = """\
+examples:
+  # one node, 8 GPUs (run it on that node)
+  python -m cluster torchrun --nproc-per-node 8 --config cfg.yaml
+
+  # two nodes x 8 GPUs: run the printed line on both; node0 serves the rendezvous
+  python -m cluster torchrun --nnodes 2 --nproc-per-node 8 \\
+      --rdzv-endpoint node0.example:29400 --run-id byol-acdc --config cfg.yaml
+
+  # elastic: start with 2 to 4 nodes, continue when nodes join or leave
+  python -m cluster torchrun --nnodes 2:4 --nproc-per-node 8 \\
+      --rdzv-endpoint node0.example:29400 --config cfg.yaml
+
+note: torch's rendezvous store listens on every network interface of the endpoint's
+host, even when the endpoint is 127.0.0.1; on shared machines keep its port firewalled.
+"""
+
+SLURM_EXAMPLES = """\
+example:
+  python -m cluster slurm --nodes 4 --gpus-per-node 8 --time 12:00:00 \\
+      --partition gpu --account proj42 --setup 'source .venv/bin/activate' \\
+      --config cfg.yaml --out pretrain.sbatch run.out=runs/byol-acdc
+  sbatch pretrain.sbatch
+"""
+
+DEEPSPEED_EXAMPLES = """\
+examples:
+  python -m cluster deepspeed-config --stage 2 --micro-batch 32
+  python -m cluster deepspeed-config --stage 1 --global-batch 1024 --world-size 16 \\
+      --grad-accum 2 --gradient-clipping 1.0 --out ds_zero1.json
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    torchrun = sub.add_parser(
+        "torchrun", help="the torchrun line to run on every node", epilog=TORCHRUN_EXAMPLES,
+        formatter_class=raw,
+        description="Print the torchrun command (c10d rendezvous) to run on every node.")
+    torchrun.add_argument("--nnodes", default="1", help="N, or MIN:MAX for elastic runs")
+    torchrun.add_argument("--nproc-per-node", type=int, default=1,
+                          help="processes per node, one per GPU")
+    torchrun.add_argument("--rdzv-endpoint", default="127.0.0.1:29500",
+                          help="HOST:PORT of the rendezvous (one of the nodes)")
+    torchrun.add_argument("--run-id", default="medssl",
+                          help="rendezvous id; a new one per job on a shared endpoint")
+    torchrun.add_argument("--max-restarts", type=int, default=3,
+                          help="worker-group restarts before giving up (they resume)")
+    torchrun.add_argument("--monitor-interval", type=float,
+                          help="seconds between the agent's checks of its workers")
+    torchrun.add_argument("--local-addr",
+                          help="this node's address for the other nodes (default: its FQDN)")
+    _add_program_arguments(torchrun)
+    torchrun.set_defaults(subparser=torchrun)
+
+    slurm = sub.add_parser(
+        "slurm", help="an sbatch script for multi-node pretraining", epilog=SLURM_EXAMPLES,
+        formatter_class=raw,
+        description="Print (or --out: write) an sbatch script running one torchrun agent "
+                    "per node with a c10d rendezvous on the first node.")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True)
+    slurm.add_argument("--time", required=True, help="wall time, HH:MM:SS or D-HH:MM:SS")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--job-name", default="medssl-pretrain")
+    slurm.add_argument("--cpus-per-task", type=int,
+                       help="CPU cores per node (default: 8 per GPU)")
+    slurm.add_argument("--log", default="%x-%j.out",
+                       help="SLURM log file (%%x job name, %%j job id); its folder must exist")
+    slurm.add_argument("--requeue", action="store_true",
+                       help="allow SLURM to requeue the job; it resumes from its checkpoint")
+    slurm.add_argument("--port", type=int, default=DEFAULT_RDZV_PORT,
+                       help="rendezvous port on the first node")
+    slurm.add_argument("--max-restarts", type=int, default=3)
+    slurm.add_argument("--monitor-interval", type=float)
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       dest="sbatch_options",
+                       help="extra #SBATCH directive, e.g. --sbatch=--constraint=h100")
+    slurm.add_argument("--setup", action="append", default=[], metavar="CMD",
+                       help="shell line to run before launching (repeatable)")
+    slurm.add_argument("--out", help="write the script here instead of printing it")
+    _add_program_arguments(slurm)
+    slurm.set_defaults(subparser=slurm)
+
+    ds = sub.add_parser(
+        "deepspeed-config", help="a DeepSpeed ZeRO config for pretraining",
+        epilog=DEEPSPEED_EXAMPLES, formatter_class=raw,
+        description="Print (or --out: write) a DeepSpeed config (JSON) for ZeRO stage 0-2.")
+    ds.add_argument("--stage", type=int, required=True, choices=(0, 1, 2))
+    batch = ds.add_mutually_exclusive_group(required=True)
+    batch.add_argument("--micro-batch", type=int, help="per-GPU batch of one step")
+    batch.add_argument("--global-batch", type=int,
+                       help="medssl's data.batch_size; needs --world-size")
+    ds.add_argument("--world-size", type=int, help="total GPU processes (with --global-batch)")
+    ds.add_argument("--grad-accum", type=int, default=1)
+    ds.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="fp32 compute (default: bf16 autocast, for CUDA)")
+    ds.add_argument("--gradient-clipping", type=float, help="max global gradient norm")
+    ds.add_argument("--check", action="store_true",
+                    help="also parse the config with the installed DeepSpeed")
+    ds.add_argument("--out", help="write the JSON here instead of printing it")
+    ds.set_defaults(subparser=ds)
+    return parser
+
+
+def _add_program_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pretraining YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    torchrun = sub.add_parser("torchrun", help="the torchrun line to run on every node")
-    torchrun.add_argument("--nnodes", default="1", help="N, or MIN:MAX for elastic runs")
-    torchrun.add_argument("--nproc-per-node", type=int, default=1)
-    torchrun.add_argument("--rdzv-endpoint", default="127.0.0.1:29500",
-                          help="HOST:PORT of the rendezvous (one of the nodes)")
-    torchrun.add_argument("--run-id", default="medssl")
-    torchrun.add_argument("--max-restarts", type=int, default=3)
-    torchrun.add_argument("--config")
-    torchrun.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        text = _run(args)
+    except ValueError as exc:
+        args.subparser.error(str(exc))
+    if getattr(args, "out", None):
+        from cluster.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> str:
     if args.command == "torchrun":
-        print(format_command(torchrun_command(
+        host, _ = parse_endpoint(args.rdzv_endpoint)
+        if parse_nnodes(args.nnodes)[1] > 1 and host in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: other nodes cannot reach the rendezvous at {host}; pass "
+                  "--rdzv-endpoint HOST:PORT of one of the nodes", file=sys.stderr)
+        return format_command(torchrun_command(
             nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
             rdzv_endpoint=args.rdzv_endpoint, run_id=args.run_id, config=args.config,
-            overrides=args.overrides, max_restarts=args.max_restarts)))
-    return 0
+            overrides=args.overrides, max_restarts=args.max_restarts,
+            monitor_interval=args.monitor_interval, local_addr=args.local_addr)) + "\n"
+    if args.command == "slurm":
+        from cluster.slurm import SlurmJob, render_sbatch
+
+        return render_sbatch(SlurmJob(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+            job_name=args.job_name, partition=args.partition, account=args.account,
+            cpus_per_task=args.cpus_per_task, log=args.log, requeue=args.requeue,
+            port=args.port, max_restarts=args.max_restarts,
+            monitor_interval=args.monitor_interval,
+            sbatch_options=tuple(args.sbatch_options), setup=tuple(args.setup),
+            config=args.config, overrides=tuple(args.overrides)))
+    from cluster.deepspeed_presets import (
+        check_deepspeed_config,
+        deepspeed_config,
+        micro_batch_size,
+    )
+
+    micro_batch = args.micro_batch
+    if micro_batch is not None and args.world_size is not None:
+        raise ValueError("--world-size goes with --global-batch, not --micro-batch")
+    if micro_batch is None:
+        if args.world_size is None:
+            raise ValueError("--global-batch needs --world-size")
+        micro_batch = micro_batch_size(args.global_batch, args.world_size, args.grad_accum)
+    config = deepspeed_config(args.stage, micro_batch, args.grad_accum, args.bf16,
+                              gradient_clipping=args.gradient_clipping)
+    if args.check:
+        check_deepspeed_config(config)
+    return json.dumps(config, indent=2) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(prefer_cuda: bool = True) -> DistInfo:
+def init_distributed(prefer_cuda: bool = True, timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     NCCL with one GPU per process when CUDA is present, gloo on CPU. A plain
@@ -41,7 +42,11 @@ def init_distributed(prefer_cuda: bool = True) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # A bounded timeout turns a hung collective (or a hung connection set-up after an
+        # elastic restart) into an error, which torchrun answers with another restart.
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

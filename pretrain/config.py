@@ -82,6 +82,8 @@ class RunConfig:
     # only); the end-of-epoch checkpoints of keep_epochs are also kept as epochNNNN.pt
     # (to study how pretraining length affects fine-tuning).
     checkpoint_every: int = 0
+    # Seconds a collective may wait before the process group fails (then torchrun restarts).
+    dist_timeout_s: float = 1800.0
     keep_epochs: list[int] = field(default_factory=list)
 
 

@@ -54,7 +54,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     if manifest.channels != config.model.in_chans:
         raise ValueError(f"model.in_chans is {config.model.in_chans} but {config.data.path} "
                          f"holds {manifest.channels}-channel images")
-    dist_info = init_distributed(prefer_cuda=config.run.device == "auto")
+    dist_info = init_distributed(prefer_cuda=config.run.device == "auto",
+                                 timeout_s=config.run.dist_timeout_s)
     try:
         return _train(config, dist_info)
     finally:

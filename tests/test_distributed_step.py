@@ -7,10 +7,7 @@ ranks) must match a single process given the concatenated batch.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 from pretrain.config import MethodConfig
 from pretrain.methods import SSLMethod, build_method
 from pretrain.weights import create_encoder
+from tests.launching import free_port, torchrun, worker_env
 
 METHODS = ["byol", "simclr", "barlow_twins", "vicreg"]
 BATCH = 8
@@ -36,20 +34,13 @@ def fixed_views() -> tuple[torch.Tensor, torch.Tensor]:
     return views[0], views[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-               "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-               str(Path(__file__).with_name("dist_step_worker.py")), str(out), *METHODS]
+    env = worker_env(PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = torchrun("--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                       f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                       str(Path(__file__).with_name("dist_step_worker.py")), str(out), *METHODS)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return out

@@ -1,0 +1,49 @@
+"""Launching real multi-process runs from the tests: free ports, torchrun on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+LOOPBACK_TORCHRUN = Path(__file__).with_name("loopback_torchrun.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*arguments: str) -> list[str]:
+    """``torchrun ARGUMENTS`` with every server it starts listening on 127.0.0.1 only."""
+    return [sys.executable, str(LOOPBACK_TORCHRUN), *arguments]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """One thread per process (2 cores), gloo on the loopback interface."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **extra}
+
+
+def tiny_pretrain_overrides(prepared: Path, out: Path) -> list[str]:
+    """Two steps of a small BYOL run (global batch 16) on the test dataset, on CPU."""
+    return [
+        f"data.path={prepared}", f"run.out={out}", "run.device=cpu", "run.progress=false",
+        "run.log_every=1", "model.arch=resnet18", "data.crop_size=32", "data.batch_size=16",
+        "data.workers=1", "data.epoch_samples=32", "optim.epochs=1",
+        "method.projector_hidden=64", "method.projection_dim=32",
+    ]
+
+
+def check_two_rank_run(out: Path) -> None:
+    """What a finished two-rank tiny run leaves: world size 2, 2 steps logged once."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
+    assert json.loads((out / "export" / "backbone.json").read_text())["steps"] == 2
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # rank 0 logs alone
