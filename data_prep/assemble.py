@@ -75,10 +75,7 @@ def assemble(source: DatasetSource, units: list[tuple[Path, dict[str, Any]]],
             "pretrain_slices": sum(s.samples for s in shard_infos),
             "source_bytes": sum(meta["source_bytes"] for _, meta in units),
         },
-        # each patient's labeled volumes, or its pretraining volumes where it has none
-        spacing_stats=_spacing_stats([v.info["spacing"] for v in labeled]
-                                     + [v.info["spacing"] for v in pretraining
-                                        if v.unit not in {u.unit for u in labeled}]),
+        spacing_stats=_spacing_stats(_spacing_sample(labeled, pretraining)),
         shards=[vars(s) for s in shard_infos],
         labeled_store={"path": "labeled.zarr", "slices": store_counts},
         slice_index="slices.csv",
@@ -150,6 +147,14 @@ def _pieces(slices: list[tuple[StagedVolume, int]]) -> list[Piece]:
 def _slice_bytes(volume: StagedVolume) -> int:
     images, masks = volume.images(), volume.masks()
     return images[0].nbytes + (masks[0].nbytes if masks is not None else 0)
+
+
+def _spacing_sample(labeled: list[StagedVolume],
+                    pretraining: list[StagedVolume]) -> list[list[float]]:
+    """Each patient's labeled volumes, or its pretraining volumes where it has none."""
+    with_labels = {v.unit for v in labeled}
+    return [v.info["spacing"] for v in labeled] + [
+        v.info["spacing"] for v in pretraining if v.unit not in with_labels]
 
 
 def _channels(images: np.ndarray) -> int:

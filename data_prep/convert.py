@@ -115,10 +115,8 @@ def shape_volume(volume: Volume, config: PrepareConfig
     image, mask, spacing = volume.image, volume.mask, tuple(volume.spacing)
     if config.target_spacing is not None:
         image, mask, spacing = resample_inplane(image, mask, spacing, config.target_spacing)
-    low = image.min()
-    image, mask, scale = fit_to_size(image, mask, config.image_size, resize_mode(config),
-                                     fill=low.item() if hasattr(low, "item") else low)
-    sx, sy = (scale, scale) if np.isscalar(scale) else scale
+    # padding takes the volume's minimum (air, not tissue); masks pad with background
+    image, mask, (sx, sy) = fit_to_size(image, mask, config.image_size, resize_mode(config))
     return image, mask, (spacing[0] / sx, spacing[1] / sy, spacing[2])
 
 

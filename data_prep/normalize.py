@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NORMALIZATIONS = ("zscore", "fixed", "ct_window", "percentile")
-
 
 @dataclass(frozen=True)
 class NormParams:

@@ -43,8 +43,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from cluster.atomic import atomic_write_bytes, atomic_write_text
+from data_prep.acdc import ACDC_CLASSES
 
-CLASS_NAMES: dict[int, str] = {0: "BG", 1: "RV", 2: "MYO", 3: "LV"}
+CLASS_NAMES = ACDC_CLASSES  # the phantom writes ACDC label ids
 BG, RV, MYO, LV = 0, 1, 2, 3
 GROUPS: tuple[str, ...] = ("NOR", "DCM", "HCM", "MINF", "RV")
 

@@ -17,7 +17,7 @@ from data_prep.sources import AcdcSource, DatasetSource, SourcePatient
 from data_prep.splits import (
     SPLITS,
     UNLABELED,
-    acdc_reference_split,
+    assign_splits,
     check_disjoint,
     random_split,
 )
@@ -65,9 +65,7 @@ def make_splits(patients: list[SourcePatient], config: PrepareConfig) -> dict[st
         if unnumbered:
             raise ValueError(f"split=acdc needs numbered patients; {unnumbered[0]!r} has no "
                              "trailing number (use split=random)")
-        splits = {name: [] for name in SPLITS}
-        for patient in labeled:
-            splits[acdc_reference_split(patient.number)].append(patient.name)  # type: ignore[arg-type]
+        splits = assign_splits((p.name, p.number) for p in labeled)  # type: ignore[misc]
     elif labeled:
         splits = random_split([p.name for p in labeled], config.val_fraction,
                               config.test_fraction, config.split_seed)

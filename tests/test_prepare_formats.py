@@ -51,7 +51,7 @@ def test_png_folder_round_trips_exactly_with_patient_splits(png_folder: Path,
     assert all(manifest.splits[s] for s in ("train", "val", "test"))
     assert verify_dataset(out) == []
 
-    def original(patient: str, volume: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def original(volume: str) -> tuple[np.ndarray, np.ndarray | None]:
         stem = next(p for p in (png_folder / "images").iterdir()
                     if volume.endswith(p.stem))
         mask_path = png_folder / "masks" / stem.name
@@ -67,7 +67,7 @@ def test_png_folder_round_trips_exactly_with_patient_splits(png_folder: Path,
 
     seen = 0
     for sample in iterate_shards(shard_paths(out)):
-        image, mask = original(sample.meta["patient"], sample.meta["volume"])
+        image, mask = original(sample.meta["volume"])
         assert sample.raw.dtype == np.uint16
         np.testing.assert_array_equal(sample.raw, image)
         if mask is not None:
@@ -76,7 +76,7 @@ def test_png_folder_round_trips_exactly_with_patient_splits(png_folder: Path,
     assert seen == 3 * (len(manifest.splits["train"]) + 1)  # train patients + unlabeled
     store = LabeledSlices(out / "labeled.zarr", "val")
     for index in range(len(store)):
-        image, mask = original(store.patient_of(index), store.volume_of(index))
+        image, mask = original(store.volume_of(index))
         np.testing.assert_array_equal(store.raw(index)[0], image)
         np.testing.assert_array_equal(store.raw(index)[1], mask)
 
