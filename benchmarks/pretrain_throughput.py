@@ -45,7 +45,7 @@ from pretrain.config import (
     RunConfig,
 )
 from pretrain.data import build_loader
-from pretrain.engine import build_model
+from pretrain.model import build_model
 from pretrain.step import autocast_for, ssl_step
 
 

@@ -21,12 +21,12 @@ from pretrain.checkpoint import gather_rng, load_latest, restore_rng, save_check
 from pretrain.config import PretrainConfig
 from pretrain.data import build_loader, epoch_length
 from pretrain.export import export_backbone
-from pretrain.methods import SSLMethod, build_method
+from pretrain.methods import SSLMethod
+from pretrain.model import build_model
 from pretrain.optim import build_optimizer, scaled_lr
 from pretrain.schedules import ema_momentum, warmup_cosine
 from pretrain.step import check_finite, ssl_step
 from pretrain.sync_batchnorm import convert_sync_batchnorm
-from pretrain.weights import create_encoder, load_into_encoder, read_encoder_weights
 
 
 @dataclass
@@ -35,13 +35,6 @@ class PretrainResult:
     export_dir: Path
     steps: int
     final_loss: float
-
-
-def build_model(config: PretrainConfig) -> SSLMethod:
-    encoder = create_encoder(config.model.arch, config.model.in_chans)
-    if config.model.init != "random":
-        load_into_encoder(encoder, read_encoder_weights(config.model.init))
-    return build_method(config.method, encoder)
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:

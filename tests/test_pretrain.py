@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pretrain.augment import augment_view, crop_flip_theta
 from pretrain.config import ViewConfig
-from pretrain.engine import build_model, pretrain
+from pretrain.engine import pretrain
+from pretrain.model import build_model
 from pretrain.step import NonFiniteLossError
 from pretrain.weights import EncoderMismatchError, read_encoder_weights
 from tests.conftest import small_pretrain_config
