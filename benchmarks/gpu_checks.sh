@@ -5,8 +5,10 @@
 #      timm + PyTorch step in the same process; loader alone; data wait; MFU;
 #   2. the pretraining engine itself on CUDA (python -m pretrain, compiled, bf16), run,
 #      then resumed for one more epoch from its checkpoint;
-#   3. each method (SimCLR, Barlow Twins, VICReg, BYOL) with LARS through the engine.
-# The GPU image lacks webdataset, zarr and nibabel: pass a folder of their wheels as
+#   3. each method (SimCLR, Barlow Twins, VICReg, BYOL) with LARS through the engine;
+#   4. the DeepSpeed backend (ZeRO 2, bf16 autocast, 2 accumulated micro batches) through
+#      the engine, then resumed from its optimizer shards; a ViT-S/16 through the engine.
+# The GPU image lacks webdataset, zarr, nibabel and DeepSpeed: pass a folder of their wheels as
 # WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
 # carry there, so its GPU pipeline is not measured here.
 set -euo pipefail
@@ -78,5 +80,37 @@ speed = [round(e.value) for e in events.Scalars("perf/views_per_s")][-1]
 print(f"{method:<13} loss {loss}  last views/s {speed}  ({seconds} s with start-up)")
 PY
 done
+}
+
+[[ " $SECTIONS " == *" 4 "* ]] && {
+echo "== 4. DeepSpeed ZeRO-2 on CUDA (resnet18, bf16 autocast, grad_accum 2), then resume"
+report() {
+python3 - "$1" <<'PY'
+import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+events = EventAccumulator(f"{sys.argv[1]}/tensorboard").Reload()
+loss = [round(e.value, 3) for e in events.Scalars("train/loss")]
+speed = [round(e.value) for e in events.Scalars("perf/views_per_s")]
+print(f"{sys.argv[1]}: loss {loss} views/s {speed}")
+PY
+}
+ds=(torchrun --nproc-per-node 1 -m pretrain data.path="$WORK/prepared_256" data.batch_size=256
+    data.crop_size=224 data.workers=8 data.epoch_samples=2560 model.arch=resnet18
+    run.out="$WORK/deepspeed_run" run.backend=deepspeed run.zero_stage=2 optim.grad_accum=2
+    run.progress=false run.log_every=5)
+start=$SECONDS
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 timeout 150 "${ds[@]}" optim.epochs=1 2>&1 | tail -3
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 timeout 90 "${ds[@]}" optim.epochs=2 2>&1 | tail -3
+ls "$WORK/deepspeed_run/checkpoints"
+echo "deepspeed: 2 epochs of 10 steps (1, then 1 resumed) in $((SECONDS - start)) s"
+report "$WORK/deepspeed_run"
+echo "== 4b. ViT-S/16 BYOL through the engine (bf16, compiled), 1 epoch of 10 steps"
+start=$SECONDS
+timeout 150 python3 -m pretrain data.path="$WORK/prepared_256" data.batch_size=256 \
+    data.crop_size=224 data.workers=8 data.epoch_samples=2560 \
+    model.arch=vit_small_patch16_224 run.compile=true optim.epochs=1 \
+    run.out="$WORK/vit_run" run.progress=false run.log_every=5 >/dev/null
+echo "vit: $((SECONDS - start)) s with start-up and compilation"
+report "$WORK/vit_run"
 }
 exit 0

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from cluster.launch import (
     DEFAULT_RDZV_PORT,
+    TORCHRUN_ENV,
     format_command,
     parse_endpoint,
     parse_nnodes,
@@ -156,7 +157,8 @@ def _run(args: argparse.Namespace) -> str:
             nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
             rdzv_endpoint=args.rdzv_endpoint, run_id=args.run_id, config=args.config,
             overrides=args.overrides, max_restarts=args.max_restarts,
-            monitor_interval=args.monitor_interval, local_addr=args.local_addr)) + "\n"
+            monitor_interval=args.monitor_interval, local_addr=args.local_addr),
+            env=TORCHRUN_ENV) + "\n"
     if args.command == "slurm":
         from cluster.slurm import SlurmJob, render_sbatch
 

@@ -85,6 +85,11 @@ def from_dict(schema: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        default = _default_value(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            # A section given in part keeps its default's other keys (which may differ from
+            # the section class's own defaults, e.g. BYOL's two asymmetric views).
+            value = _merged(to_dict(default), value)
         kwargs[name] = _coerce(hints[name], value, _join(prefix, name))
     missing = [
         name
@@ -99,6 +104,22 @@ def from_dict(schema: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return schema(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _default_value(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def to_dict(config: Any) -> dict[str, Any]:

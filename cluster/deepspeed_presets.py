@@ -78,8 +78,9 @@ def deepspeed_config(stage: int, micro_batch: int, grad_accum: int = 1, bf16: bo
             # bf16; an empty list keeps the reduction fp32, like medssl's DDP path.
             "lower_precision_safe_modules": [],
         }
-    if gradient_clipping is not None:
-        config["gradient_clipping"] = float(gradient_clipping)
+    # DeepSpeed clips at norm 1.0 unless told otherwise; medssl's DDP path does not clip,
+    # so "no clipping" is written out explicitly (0 disables it).
+    config["gradient_clipping"] = 0.0 if gradient_clipping is None else float(gradient_clipping)
     return config
 
 

@@ -82,6 +82,12 @@ def check_monitor_interval(monitor_interval: float | None) -> None:
         raise ValueError(f"monitor interval must be > 0 seconds, got {monitor_interval!r}")
 
 
+# Environment for every torchrun agent: workers get a fresh process-group store at each
+# (re)start instead of the agents' long-lived one, whose stale keys hang a restarted group
+# (see cluster.distributed); it also lets a node join a running elastic job.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def torchrun_command(*, nnodes: str | int, nproc_per_node: int, rdzv_endpoint: str,
                      run_id: str, config: str | None, overrides: Sequence[str] = (),
                      max_restarts: int = 3, monitor_interval: float | None = None,
@@ -130,6 +136,8 @@ def format_rdzv_conf(rdzv_conf: Mapping[str, object]) -> str:
     return ",".join(items)
 
 
-def format_command(command: Sequence[str]) -> str:
-    """One shell line; every argument quoted so that the shell passes it through unchanged."""
-    return " ".join(shlex.quote(part) for part in command)
+def format_command(command: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """One shell line (``VAR=value ... command``); every part quoted so that the shell
+    passes it through unchanged."""
+    assignments = [f"{key}={shlex.quote(value)}" for key, value in (env or {}).items()]
+    return " ".join(assignments + [shlex.quote(part) for part in command])

@@ -7,6 +7,7 @@ position), the step, and every rank's random-number generator states.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,53 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "last.pt"
 
 
+SHARDS_KEY = "zero_shards"  # folder (in checkpoints/) of the per-rank optimizer shards
+_SHARD_PREFIX = "zero-step"
+
+
+def shard_folder_name(step: int) -> str:
+    return f"{_SHARD_PREFIX}{step:09d}"
+
+
+def shard_name(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = None) -> Path:
-    """Write ``checkpoints/last.pt`` atomically (and a kept copy named ``keep_as``)."""
+    """Write ``checkpoints/last.pt`` atomically (and a kept copy named ``keep_as``).
+
+    With a sharded optimizer (DeepSpeed ZeRO 1-2) every rank has already written its
+    shard into the folder ``state[SHARDS_KEY]``; ``last.pt`` points at it, a kept copy
+    gets a copy of its own, and shard folders no checkpoint points at are removed, only
+    after ``last.pt`` has moved on to the new one.
+    """
     folder = run_dir / CHECKPOINT_DIR
-    targets = [folder / LATEST] + ([folder / keep_as] if keep_as else [])
-    for target in targets:
-        with atomic_path(target) as tmp:
-            torch.save(state, tmp)
-    return targets[0]
+    with atomic_path(folder / LATEST) as tmp:
+        torch.save(state, tmp)
+    shards = state.get(SHARDS_KEY)
+    if keep_as:
+        kept = state
+        if shards:
+            kept = {**state, SHARDS_KEY: f"{Path(keep_as).stem}-zero"}
+            with atomic_path(folder / kept[SHARDS_KEY]) as tmp:
+                shutil.copytree(folder / shards, tmp)
+        with atomic_path(folder / keep_as) as tmp:
+            torch.save(kept, tmp)
+    for old in folder.glob(f"{_SHARD_PREFIX}*"):
+        if old.name != shards and old.is_dir():
+            shutil.rmtree(old)
+    return folder / LATEST
+
+
+def shard_files(run_dir: Path, checkpoint: dict[str, Any]) -> list[Path]:
+    """The per-rank optimizer shard files a checkpoint points at, checked to exist."""
+    folder = run_dir / CHECKPOINT_DIR / str(checkpoint[SHARDS_KEY])
+    files = [folder / shard_name(rank) for rank in range(int(checkpoint["world_size"]))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{run_dir / CHECKPOINT_DIR / LATEST}: optimizer shards missing: "
+                         + ", ".join(missing))
+    return files
 
 
 def load_latest(run_dir: Path) -> dict[str, Any] | None:

@@ -1,22 +1,31 @@
-"""``python -m pretrain`` / ``torchrun ... -m pretrain``: self-supervised pretraining."""
+"""``python -m pretrain`` / ``torchrun ... -m pretrain``: self-supervised pretraining.
+
+``python -m pretrain export --run RUN_DIR`` exports a run's backbone from a checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cluster.config import ConfigError, load_config
 from pretrain.config import PretrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["export"]:  # overrides always hold "=", so no clash with a config key
+        return export_main(args[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain", description=__doc__,
+        epilog="Export a backbone on demand: python -m pretrain export --help")
     parser.add_argument("--config", help="YAML file of PretrainConfig keys")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    parsed = parser.parse_args(args)
     try:
-        config = load_config(PretrainConfig, args.config, args.overrides)
+        config = load_config(PretrainConfig, parsed.config, parsed.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -24,4 +33,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = pretrain(config)
     print(f"exported backbone to {result.export_dir}")
+    return 0
+
+
+def export_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain export",
+        description="Write a run's backbone (timm-named safetensors + JSON) from its latest "
+                    "or a kept checkpoint, e.g. while it still runs or for an early epoch.")
+    parser.add_argument("--run", required=True, type=Path, help="pretrain run directory")
+    parser.add_argument("--checkpoint", default="last.pt",
+                        help="a name in RUN/checkpoints (last.pt, epoch0003.pt) or a path")
+    parser.add_argument("--out", type=Path,
+                        help="output folder (default: RUN/export for last.pt, else "
+                             "RUN/export-NAME)")
+    args = parser.parse_args(argv)
+    from pretrain.export import export_checkpoint
+
+    try:
+        folder = export_checkpoint(args.run, args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as exc:  # EncoderMismatchError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported backbone to {folder}")
     return 0

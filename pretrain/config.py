@@ -10,7 +10,10 @@ from typing import Literal
 class DataConfig:
     path: str = ""  # prepared dataset folder (data_prep output)
     crop_size: int = 224
-    batch_size: int = 128  # global, across all ranks
+    batch_size: int = 128  # global, across all ranks (and accumulated micro batches)
+    # > 0: a fixed per-rank micro batch instead; the global batch (and with it the
+    # learning rate) then follows the world size, e.g. after an elastic restart.
+    batch_per_rank: int = 0
     workers: int = 2
     shuffle_buffer: int = 1000
     epoch_samples: int = 0  # samples per epoch; 0 = the shards' slice count
@@ -18,29 +21,78 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # any timm model name
+    arch: str = "resnet50"  # any timm model name; ViTs are built for data.crop_size
     in_chans: int = 1
-    # "random", or a local weights file / pretrain export folder / pretrain checkpoint.
+    # "random"; "timm" (timm's default pretrained weights for arch) or "timm:ARCH.TAG"
+    # (fetched through the Hugging Face hub cache); or a local weights file, pretrain
+    # export folder, run folder or checkpoint (hierarchical pretraining).
     init: str = "random"
+
+    def __post_init__(self) -> None:
+        name = self.timm_weights()
+        if name is not None and name.split(".")[0] != self.arch.split(".")[0]:
+            raise ValueError(f"init {self.init!r} names weights of another architecture "
+                             f"than arch {self.arch!r}")
+
+    def timm_weights(self) -> str | None:
+        """The timm model name whose pretrained weights ``init`` asks for, if any."""
+        if self.init == "timm":
+            return self.arch
+        return self.init.removeprefix("timm:") if self.init.startswith("timm:") else None
 
 
 @dataclass
 class ViewConfig:
-    """Augmentation of one view; BYOL uses asymmetric views."""
+    """Augmentation of one view; BYOL uses asymmetric views (see ``AugmentConfig``).
+
+    The fields added to BYOL's crop/flip/colour recipe (rotation, gamma, blur) default to
+    off here, so a bare ``ViewConfig()`` is crop, flip, contrast and brightness only.
+    """
 
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction
     ratio: tuple[float, float] = (0.75, 1.3333)
     hflip: float = 0.5
     vflip: float = 0.0
+    # Max degrees, uniform in +-rotation about the crop centre. A rotated crop shrinks until
+    # its corners fit the image (no padding is sampled), so its area falls below ``scale``.
+    rotation: float = 0.0
+    # Exponent range (log-uniform) applied on each image's own [min, max] rescaled to [0, 1].
+    gamma: tuple[float, float] = (1.0, 1.0)
     brightness: float = 0.4  # additive shift, in normalised intensity units
     contrast: float = 0.4  # multiplicative factor range 1 +- contrast
+    blur_prob: float = 0.0  # chance of a Gaussian blur per sample
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur std range in output pixels
     noise_std: float = 0.0  # max Gaussian noise std, in normalised units
+
+    def __post_init__(self) -> None:
+        checks = {
+            "scale": 0 < self.scale[0] <= self.scale[1] <= 1,
+            "ratio": 0 < self.ratio[0] <= self.ratio[1],
+            "hflip": 0 <= self.hflip <= 1,
+            "vflip": 0 <= self.vflip <= 1,
+            "rotation": 0 <= self.rotation <= 180,
+            "gamma": 0 < self.gamma[0] <= self.gamma[1],
+            "brightness": self.brightness >= 0,
+            "contrast": 0 <= self.contrast < 1,  # a factor <= 0 would invert or flatten
+            "blur_prob": 0 <= self.blur_prob <= 1,
+            "blur_sigma": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            "noise_std": self.noise_std >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"{bad[0]} out of range: {getattr(self, bad[0])!r}")
 
 
 @dataclass
 class AugmentConfig:
-    view1: ViewConfig = field(default_factory=ViewConfig)
-    view2: ViewConfig = field(default_factory=lambda: ViewConfig(noise_std=0.1))
+    # BYOL's asymmetric pair (blur always on view 1, rarely on view 2; no solarize), with
+    # gamma as the 1-channel stand-in for colour jitter. Rotation stays small: slices come in
+    # standard orientations, so +-10 degrees covers patient positioning without teaching
+    # invariance to the anatomical layout that segmentation relies on.
+    view1: ViewConfig = field(default_factory=lambda: ViewConfig(
+        rotation=10.0, gamma=(0.7, 1.5), blur_prob=1.0))
+    view2: ViewConfig = field(default_factory=lambda: ViewConfig(
+        rotation=10.0, gamma=(0.7, 1.5), blur_prob=0.1, noise_std=0.1))
 
 
 @dataclass
@@ -65,6 +117,7 @@ class OptimConfig:
     weight_decay: float = 1e-6
     warmup_epochs: float = 1.0
     epochs: int = 10
+    grad_accum: int = 1  # micro batches per optimizer step
 
 
 @dataclass
@@ -74,6 +127,10 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     device: Literal["auto", "cpu"] = "auto"
+    # ddp: torch DistributedDataParallel; deepspeed: a DeepSpeed engine (ZeRO zero_stage),
+    # both launched by torchrun.
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 0  # DeepSpeed ZeRO: 0 plain, 1 optimizer state, 2 + gradients sharded
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the networks (CUDA)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -17,15 +16,26 @@ from cluster.distributed import DistInfo, barrier, init_distributed, shutdown
 from cluster.run_dir import write_run_info
 from data_prep.manifest import Manifest
 from pretrain.augment import augment_view
-from pretrain.checkpoint import gather_rng, load_latest, restore_rng, save_checkpoint
+from pretrain.backends import Backend, build_backend
+from pretrain.batching import BatchPlan, plan_batches
+from pretrain.checkpoint import (
+    CHECKPOINT_DIR,
+    SHARDS_KEY,
+    gather_rng,
+    load_latest,
+    restore_rng,
+    save_checkpoint,
+    shard_files,
+    shard_folder_name,
+)
 from pretrain.config import PretrainConfig
 from pretrain.data import build_loader, epoch_length
-from pretrain.export import export_backbone
+from pretrain.export import EXPORT_DIR, export_backbone
 from pretrain.methods import SSLMethod
 from pretrain.model import build_model
-from pretrain.optim import build_optimizer, scaled_lr
+from pretrain.optim import build_optimizer
 from pretrain.schedules import ema_momentum, warmup_cosine
-from pretrain.step import check_finite, ssl_step
+from pretrain.step import check_finite
 from pretrain.sync_batchnorm import convert_sync_batchnorm
 
 
@@ -58,96 +68,95 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     run_dir = Path(config.run.out)
     device = dist.device
-    if config.data.batch_size % dist.world_size:
-        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by the "
-                         f"world size {dist.world_size}")
-    per_rank_batch = config.data.batch_size // dist.world_size
-    steps_per_epoch = max(1, epoch_length(config.data.path, config.data.epoch_samples)
-                          // config.data.batch_size)
-    total_steps = steps_per_epoch * config.optim.epochs
-    warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
-    peak_lr = scaled_lr(config.optim.lr, config.data.batch_size)
+    plan = plan_batches(config, dist.world_size,
+                        epoch_length(config.data.path, config.data.epoch_samples))
+    spe, accum = plan.steps_per_epoch, plan.grad_accum
+    total_steps = spe * config.optim.epochs
+    warmup_steps = int(config.optim.warmup_epochs * spe)
 
     torch.manual_seed(config.run.seed + dist.rank)
     channels_last = device.type == "cuda" and config.run.channels_last
-    model = build_model(config).to(device)
+    checkpoint = load_latest(run_dir)
+    model = build_model(config, initialise=checkpoint is None).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.distributed and config.run.sync_batchnorm:
         # BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, ours elsewhere
         model = convert_sync_batchnorm(model, device.type)
-    optimizer = build_optimizer(config.optim.name, model, lr=peak_lr,
+    optimizer = build_optimizer(config.optim.name, model, lr=plan.peak_lr,
                                 weight_decay=config.optim.weight_decay,
                                 momentum=config.optim.momentum, eta=config.optim.eta)
-    start_epoch, step, position = 0, 0, 0
-    checkpoint = load_latest(run_dir)
     if checkpoint is not None:
         _check_resumable(checkpoint, config, run_dir)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        model.load_state_dict(checkpoint["model"])  # before any backend copies it
+    backend = build_backend(
+        config.run.backend, model, optimizer, dist, micro_batch=plan.micro_batch,
+        grad_accum=accum, zero_stage=config.run.zero_stage, precision=config.run.precision,
+        channels_last=channels_last, compile=config.run.compile)
+    start_epoch, step, first_step = 0, 0, 0
+    if checkpoint is not None:
+        _restore_optimizer(backend, checkpoint, run_dir)
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        position = int(checkpoint.get("position", 0))
+        first_step = _resume_step(checkpoint, plan)
         restore_rng(checkpoint.get("rng", []), dist.rank, dist.world_size)
-    method = model
-    trained: nn.Module = DistributedDataParallel(model) if dist.distributed else model
-    if config.run.compile:
-        trained = torch.compile(trained)
+    method = backend.method
 
     writer = None
     if dist.is_main:
-        write_run_info(run_dir, config, {"world_size": dist.world_size})
+        write_run_info(run_dir, config, {
+            "world_size": dist.world_size, "global_batch": plan.global_batch,
+            "micro_batch_per_rank": plan.micro_batch, "grad_accum": accum,
+            "peak_lr": plan.peak_lr, "resumed_at_step": step})
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step",
-               disable=not (dist.is_main and config.run.progress))
+    bar = tqdm(total=total_steps, initial=start_epoch * spe + first_step, desc="pretrain",
+               unit="step", disable=not (dist.is_main and config.run.progress))
     loss_value = float("nan")
     pending: tuple[torch.Tensor, int] | None = None  # checked one step late: no host sync
     last_log, steps_since_log = time.perf_counter(), 0
-    wait_since_log = 0.0
     launch_step = step
 
-    def checkpoint_now(epoch_done: int, batches_done: int) -> None:
+    def checkpoint_now(epoch_done: int, steps_done: int) -> None:
         """Save the full state; never one whose last loss was not finite."""
         nonlocal pending, loss_value
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
             pending = None
         rng = gather_rng(dist)
+        shards = None
+        if backend.sharded_optimizer:
+            shards = shard_folder_name(step)
+            backend.save_shard(run_dir / CHECKPOINT_DIR / shards, dist.rank)
+            barrier(dist)  # every shard is in place before last.pt points at them
         if dist.is_main:
-            keep = f"epoch{epoch_done:04d}.pt" if batches_done == 0 and \
+            keep = f"epoch{epoch_done:04d}.pt" if steps_done == 0 and \
                 epoch_done in config.run.keep_epochs else None
             save_checkpoint(run_dir, {
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch_done, "position": batches_done, "step": step, "rng": rng,
-                "world_size": dist.world_size, "config": to_dict(config),
+                "model": method.state_dict(), "optimizer": backend.optimizer_state(),
+                SHARDS_KEY: shards, "epoch": epoch_done, "position": steps_done,
+                "epoch_samples_done": steps_done * plan.global_batch,
+                "global_batch": plan.global_batch, "grad_accum": accum, "step": step,
+                "rng": rng, "world_size": dist.world_size, "config": to_dict(config),
             }, keep_as=keep)
         barrier(dist)
 
     for epoch in range(start_epoch, config.optim.epochs):
-        trained.train()
+        backend.train()
         # One loader per epoch, seeded by the epoch: a resumed run sees the same batches
         # as an uninterrupted one, skipping those its checkpoint had already consumed.
         loader = build_loader(
-            config.data.path, per_rank_batch=per_rank_batch, workers=config.data.workers,
+            config.data.path, per_rank_batch=plan.micro_batch, workers=config.data.workers,
             shuffle_buffer=config.data.shuffle_buffer, seed=config.run.seed + epoch,
             rank=dist.rank, pin_memory=device.type == "cuda",
         )
-        batches = iter(loader)
-        first = position if epoch == start_epoch else 0
-        for _ in range(first):
-            next(batches)
-        for index in range(first, steps_per_epoch):
-            wait_start = time.perf_counter()
-            images = next(batches).to(device, non_blocking=True)
-            wait_since_log += time.perf_counter() - wait_start
-            generator = torch.Generator(device=device).manual_seed(
-                hash((config.run.seed, dist.rank, step)) % 2**62)
-            view1 = augment_view(images, config.augment.view1, config.data.crop_size, generator)
-            view2 = augment_view(images, config.augment.view2, config.data.crop_size, generator)
-            lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
-            momentum = ema_momentum(step, total_steps, config.method.tau_base)
-            loss = ssl_step(trained, method, optimizer, view1, view2, lr=lr,
-                            momentum=momentum, precision=config.run.precision,
-                            channels_last=channels_last)
+        views = _ViewSource(iter(loader), config, dist)
+        first = first_step if epoch == start_epoch else 0
+        views.skip(first * accum)
+        for index in range(first, spe):
+            # The schedules run on epoch progress, which survives a change of world size.
+            progress = epoch * spe + index
+            lr = warmup_cosine(progress, total_steps, warmup_steps, plan.peak_lr)
+            momentum = ema_momentum(progress, total_steps, config.method.tau_base)
+            loss = backend.step(views.pairs(step, accum), accum, lr=lr, momentum=momentum)
             if pending is not None:
                 check_finite(*pending, dist.rank)
             pending = (loss, step)
@@ -155,9 +164,9 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             steps_since_log += 1
             bar.update(1)
             if writer is not None and step == launch_step + 1:
-                _log_view_pairs(writer, view1, view2, step)
+                _log_view_pairs(writer, *views.last, step)
             every = config.run.checkpoint_every
-            if every and step % every == 0 and index + 1 < steps_per_epoch:
+            if every and step % every == 0 and index + 1 < spe:
                 checkpoint_now(epoch, index + 1)
             if not (step % config.run.log_every == 0 or step == 1):
                 continue
@@ -167,36 +176,61 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
             if writer is not None:
                 elapsed = time.perf_counter() - last_log
-                views_per_s = 2 * config.data.batch_size * steps_since_log / elapsed
+                views_per_s = 2 * plan.global_batch * steps_since_log / elapsed
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/epoch", progress / spe, step)  # at the step's start
                 if method.uses_momentum:
                     writer.add_scalar("train/tau", momentum, step)
                 writer.add_scalar("perf/views_per_s", views_per_s, step)
-                writer.add_scalar("perf/data_wait_fraction", wait_since_log / elapsed, step)
-                spread = _embedding_std(method, view1)
+                writer.add_scalar("perf/data_wait_fraction", views.wait_s / elapsed, step)
+                spread = _embedding_std(method, views.last[0])
                 if torch.isfinite(spread).all():  # diverged weights fail the next loss check
                     writer.add_histogram("collapse/embedding_std", spread, step)
-            last_log, steps_since_log, wait_since_log = time.perf_counter(), 0, 0.0
-        del batches, loader
+            last_log, steps_since_log = time.perf_counter(), 0
+            views.wait_s = 0.0
+        del views, loader
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
         checkpoint_now(epoch + 1, 0)
     bar.close()
-    export_dir = run_dir / "export"
+    export_dir = run_dir / EXPORT_DIR
     if dist.is_main:
-        manifest = Manifest.read(config.data.path)
-        export_backbone(method.online_encoder, export_dir, {
-            "architecture": config.model.arch, "in_chans": config.model.in_chans,
-            "num_features": method.online_encoder.num_features, "method": config.method.name,
-            "epochs": config.optim.epochs, "steps": step, "init": config.model.init,
-            "data": {"name": manifest.name, "path": str(Path(config.data.path).resolve()),
-                     "pretrain_slices": manifest.counts["pretrain_slices"]},
-        })
+        # a finished run resumed with a smaller optim.epochs trains no further
+        export_backbone(method.online_encoder, export_dir, config,
+                        epochs=max(start_epoch, config.optim.epochs), steps=step)
         if writer is not None:
             writer.close()
     barrier(dist)
     return PretrainResult(run_dir, export_dir, step, loss_value)
+
+
+class _ViewSource:
+    """Batches of one epoch's loader, augmented into view pairs on the training device."""
+
+    def __init__(self, batches: Iterator[torch.Tensor], config: PretrainConfig,
+                 dist: DistInfo) -> None:
+        self.batches, self.config, self.dist = batches, config, dist
+        self.wait_s = 0.0  # time spent waiting for the loader since the last log
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            next(self.batches)
+
+    def pairs(self, step: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` micro batches of view pairs for optimizer step ``step``, made lazily so
+        only one micro batch of views is alive at a time."""
+        augment, device = self.config.augment, self.dist.device
+        for micro in range(count):
+            wait_start = time.perf_counter()
+            images = next(self.batches).to(device, non_blocking=True)
+            self.wait_s += time.perf_counter() - wait_start
+            generator = torch.Generator(device=device).manual_seed(
+                hash((self.config.run.seed, self.dist.rank, step, micro)) % 2**62)
+            self.last = tuple(augment_view(images, view, self.config.data.crop_size, generator)
+                              for view in (augment.view1, augment.view2))
+            yield self.last
 
 
 @torch.no_grad()
@@ -218,6 +252,33 @@ def _check_resumable(checkpoint: dict, config: PretrainConfig, run_dir: Path) ->
         if before != now:
             raise ValueError(f"{run_dir}: its checkpoint was made with another {key} "
                              f"({before}, now {now}); use a new run.out")
+    sharded = config.run.backend == "deepspeed" and config.run.zero_stage > 0
+    if bool(checkpoint.get(SHARDS_KEY)) != sharded:
+        saved_run = saved.get("run", {})
+        raise ValueError(
+            f"{run_dir}: its checkpoint keeps the optimizer state "
+            f"{'sharded' if checkpoint.get(SHARDS_KEY) else 'whole'} (run.backend="
+            f"{saved_run.get('backend', 'ddp')}, run.zero_stage={saved_run.get('zero_stage', 0)}"
+            f"), which run.backend={config.run.backend}, run.zero_stage="
+            f"{config.run.zero_stage} cannot load; resume with the same settings")
+
+
+def _restore_optimizer(backend: Backend, checkpoint: dict, run_dir: Path) -> None:
+    if backend.sharded_optimizer:
+        backend.load_shards(shard_files(run_dir, checkpoint))
+    else:
+        backend.load_optimizer_state(checkpoint["optimizer"])
+
+
+def _resume_step(checkpoint: dict, plan: BatchPlan) -> int:
+    """Optimizer steps of the checkpoint's epoch to skip: exactly its position when the
+    batching is unchanged, else as many as its consumed samples fill (elastic restart)."""
+    position = int(checkpoint.get("position", 0))
+    if (checkpoint.get("world_size"), checkpoint.get("global_batch"),
+            checkpoint.get("grad_accum", 1)) == (plan.world_size, plan.global_batch,
+                                                 plan.grad_accum):
+        return position
+    return plan.resume_point(int(checkpoint.get("epoch_samples_done", 0)))
 
 
 def _log_view_pairs(writer: SummaryWriter, view1: torch.Tensor, view2: torch.Tensor,

@@ -1,8 +1,10 @@
 """Backbone export: timm-named safetensors plus a JSON description.
 
-The file loads with ``timm.create_model(arch, pretrained=True, num_classes=0,
-in_chans=..., pretrained_cfg_overlay=dict(file=".../backbone.safetensors"))`` and with
-``finetune``'s encoder initialisation.
+A run exports its online encoder when it ends; ``python -m pretrain export`` does the
+same from the latest or a kept checkpoint at any time. The file loads with
+``timm.create_model(arch, pretrained=True, num_classes=0, in_chans=..., [img_size=...,]
+pretrained_cfg_overlay=dict(file=".../backbone.safetensors"))`` and with
+``pretrain.weights.read_encoder_weights`` (``model.init``, fine-tuning's ``--init``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,109 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from cluster.atomic import atomic_path, atomic_write_json
-from pretrain.weights import EXPORT_META, EXPORT_WEIGHTS
+from cluster.config import ConfigError, from_dict
+from data_prep.manifest import Manifest
+from pretrain.checkpoint import CHECKPOINT_DIR, LATEST
+from pretrain.config import PretrainConfig
+from pretrain.weights import (
+    EXPORT_META,
+    EXPORT_WEIGHTS,
+    create_encoder,
+    load_into_encoder,
+    takes_img_size,
+    weights_from_blob,
+)
+
+EXPORT_DIR = "export"
 
 
-def export_backbone(encoder: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
+def export_backbone(encoder: nn.Module, folder: Path, config: PretrainConfig, *,
+                    epochs: int, steps: int, checkpoint: Path | None = None) -> Path:
+    """Write ``encoder``'s weights and their description into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     with atomic_path(folder / EXPORT_WEIGHTS) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+    meta = backbone_meta(config, encoder, epochs=epochs, steps=steps)
+    if checkpoint is not None:
+        meta["checkpoint"] = str(checkpoint.resolve())
     atomic_write_json(folder / EXPORT_META, {"weights": EXPORT_WEIGHTS, **meta})
     return folder / EXPORT_WEIGHTS
+
+
+def backbone_meta(config: PretrainConfig, encoder: nn.Module, *, epochs: int,
+                  steps: int) -> dict[str, Any]:
+    """What an export needs to be rebuilt and understood: architecture, input, training
+    reached (``epochs`` finished of ``planned_epochs``) and data."""
+    meta: dict[str, Any] = {"architecture": config.model.arch,
+                            "in_chans": config.model.in_chans}
+    if takes_img_size(config.model.arch):
+        meta["img_size"] = config.data.crop_size  # the model was built for it
+    meta.update(num_features=encoder.num_features, method=config.method.name, epochs=epochs,
+                planned_epochs=config.optim.epochs, steps=steps, init=config.model.init,
+                data=_data_meta(config.data.path))
+    return meta
+
+
+def _data_meta(path: str) -> dict[str, Any]:
+    data: dict[str, Any] = {"path": str(Path(path).resolve())}
+    try:
+        manifest = Manifest.read(path)
+    except (FileNotFoundError, ValueError):
+        return data  # exporting an old run does not need its dataset any more
+    data.update(name=manifest.name, pretrain_slices=manifest.counts["pretrain_slices"])
+    return data
+
+
+def export_checkpoint(run_dir: Path, checkpoint: str = LATEST,
+                      out: Path | None = None) -> Path:
+    """Export the online encoder of one of ``run_dir``'s checkpoints: ``last.pt``, a kept
+    ``epochNNNN.pt`` or a path. Writes ``run_dir/export`` for ``last.pt`` (as the run's
+    end does), ``run_dir/export-NAME`` for others, unless ``out`` says otherwise."""
+    path = find_checkpoint(run_dir, checkpoint)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a pretrain checkpoint (cannot load it weights-only: "
+                         f"{exc})") from None
+    missing = [k for k in ("model", "config", "epoch", "step")
+               if not isinstance(blob, dict) or k not in blob]
+    if missing:
+        raise ValueError(f"{path}: not a pretrain checkpoint (no {', '.join(missing)})")
+    try:
+        config = from_dict(PretrainConfig, blob["config"])
+    except ConfigError as exc:
+        raise ValueError(f"{path}: its config does not fit this version of pretrain "
+                         f"({exc})") from None
+    encoder = create_encoder(config.model.arch, config.model.in_chans, config.data.crop_size)
+    load_into_encoder(encoder, weights_from_blob(blob, path))
+    if out is None:
+        out = run_dir / (EXPORT_DIR if path.name == LATEST else f"{EXPORT_DIR}-{path.stem}")
+    # Finished epochs; a checkpoint taken mid-epoch (run.checkpoint_every) says so in steps.
+    return export_backbone(encoder, out, config, epochs=int(blob["epoch"]),
+                           steps=int(blob["step"]), checkpoint=path).parent
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str = LATEST) -> Path:
+    """A bare file name is looked up in ``run_dir/checkpoints``; anything else is a path."""
+    folder = run_dir / CHECKPOINT_DIR
+    if Path(checkpoint).name != checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint file does not exist")
+        return path
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run directory does not exist")
+    kept = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    if not kept:
+        raise FileNotFoundError(
+            f"{run_dir}: no checkpoints in {folder} (a run writes them at each epoch end, "
+            f"and every run.checkpoint_every steps)")
+    if checkpoint not in kept:
+        raise FileNotFoundError(f"{folder}: no checkpoint {checkpoint!r}; there are "
+                                f"{', '.join(kept)}")
+    return folder / checkpoint

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from pretrain.config import PretrainConfig
+from torch import nn
+
+from pretrain.config import ModelConfig, PretrainConfig
 from pretrain.methods import SSLMethod, build_method
-from pretrain.weights import create_encoder, load_into_encoder, read_encoder_weights
+from pretrain.weights import (
+    create_encoder,
+    create_pretrained_encoder,
+    load_into_encoder,
+    read_encoder_weights,
+)
 
 
-def build_model(config: PretrainConfig) -> SSLMethod:
-    encoder = create_encoder(config.model.arch, config.model.in_chans)
-    if config.model.init != "random":
-        load_into_encoder(encoder, read_encoder_weights(config.model.init))
+def build_encoder(model: ModelConfig, crop_size: int, initialise: bool = True) -> nn.Module:
+    """The encoder ``model`` describes, built for ``crop_size`` crops, initialised from
+    ``model.init``: random, timm's pretrained weights, or a local file or run.
+    ``initialise=False`` leaves it random (its weights are about to come from a checkpoint:
+    the init source need not be reachable any more)."""
+    timm_name = model.timm_weights() if initialise else None
+    if timm_name is not None:
+        return create_pretrained_encoder(timm_name, model.in_chans, crop_size)
+    encoder = create_encoder(model.arch, model.in_chans, crop_size)
+    if initialise and model.init != "random":
+        load_into_encoder(encoder, read_encoder_weights(model.init))
+    return encoder
+
+
+def build_model(config: PretrainConfig, initialise: bool = True) -> SSLMethod:
+    encoder = build_encoder(config.model, config.data.crop_size, initialise)
     return build_method(config.method, encoder)

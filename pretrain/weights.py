@@ -1,22 +1,26 @@
-"""Reading encoder weights from local files and loading them strictly into timm models.
+"""timm encoders: creating them, and loading weights into them strictly.
 
-Accepted sources: a pretrain export folder (``backbone.safetensors`` + ``backbone.json``)
-or a pretrain run folder holding one, a ``.safetensors`` file, a torch file (loaded with
+Weights come from timm's pretrained tags (through the Hugging Face hub cache) or from
+local files: a pretrain export folder (``backbone.safetensors`` + ``backbone.json``) or
+a pretrain run folder holding one, a ``.safetensors`` file, a torch file (loaded with
 ``weights_only=True``, never unpickling arbitrary objects) holding a plain state dict,
 a ``{"state_dict"|"model": ...}`` wrapper or a pretrain checkpoint. Keys use timm's
-names; 3-channel first convolutions adapt to 1 channel by summing, as timm does.
+names; 3-channel first convolutions adapt to 1 channel by summing and ViT position
+embeddings are resampled to the model's patch grid, both as timm does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import timm
 import torch
-from timm.models import adapt_input_conv
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv, get_pretrained_cfg
 from torch import nn
 
 EXPORT_WEIGHTS = "backbone.safetensors"
@@ -28,20 +32,76 @@ class EncoderMismatchError(ValueError):
     """Weights do not fit the encoder: the message lists the mismatched keys."""
 
 
+class WeightsUnavailableError(RuntimeError):
+    """timm's pretrained weights could not be fetched or found in the local hub cache."""
+
+
 @dataclass
 class EncoderWeights:
     state_dict: dict[str, torch.Tensor]
     source: Path
     arch: str | None = None
     in_chans: int | None = None
+    img_size: int | None = None
 
 
-def create_encoder(arch: str, in_chans: int) -> nn.Module:
-    """A timm model without classifier (``num_classes=0``): pooled features out."""
+def create_encoder(arch: str, in_chans: int, img_size: int | None = None) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): pooled features out.
+
+    ``img_size`` (the crop size) reaches only models built for one input size.
+    """
     try:
-        return timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans)
+        return timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans,
+                                 **_size_kwargs(arch, img_size))
     except RuntimeError as exc:
         raise ValueError(f"model.arch: timm has no model {arch!r} ({exc})") from None
+
+
+def create_pretrained_encoder(name: str, in_chans: int, img_size: int | None = None) -> nn.Module:
+    """timm model ``name`` ("arch" or "arch.tag") with timm's pretrained weights.
+
+    timm fetches them through the Hugging Face hub cache (``HF_HOME``/``HF_HUB_CACHE``;
+    ``HF_HUB_OFFLINE=1`` reads only the cache) and applies the model's own checkpoint
+    filter, 3 -> 1 channel stem adaptation and position-embedding resampling. The
+    classifier is removed only after loading, so that timm's load stays strict.
+    """
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as exc:  # an unknown tag
+        raise ValueError(f"model.init: {exc}") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ValueError(f"model.init: timm has no pretrained weights for {name!r}")
+    try:
+        model = timm.create_model(name, pretrained=True, in_chans=in_chans,
+                                  **_size_kwargs(name, img_size))
+    except OSError as exc:  # hub, cache and network errors (not-cached-offline included)
+        source = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+        raise WeightsUnavailableError(
+            f"model.init: cannot load timm's pretrained weights {name!r} from {source} "
+            f"({type(exc).__name__}: {exc}). Without internet access, copy the weights "
+            f"file (model.safetensors) from there and set model.init to its local path, "
+            f"or fill the Hugging Face cache that HF_HOME/HF_HUB_CACHE point to."
+        ) from None
+    model.reset_classifier(0)
+    return model
+
+
+def takes_img_size(arch: str) -> bool:
+    """Whether timm builds ``arch`` for one input size (ViTs: one position embedding per
+    patch), so that it must be told the crop size.
+
+    timm's pretrained config states this as ``fixed_input_size``; such models accept
+    ``img_size`` and most others reject it. The entrypoints' signatures (``**kwargs``)
+    cannot tell. ``dynamic_img_size`` is not used: it resamples the position
+    embeddings at every forward pass, and every loader of the export would have to
+    repeat it to reproduce the outputs; a model built at the crop size has one grid.
+    """
+    cfg = get_pretrained_cfg(arch)  # None for models without pretrained configs
+    return bool(cfg and cfg.fixed_input_size)
+
+
+def _size_kwargs(arch: str, img_size: int | None) -> dict[str, int]:
+    return {"img_size": img_size} if img_size and takes_img_size(arch) else {}
 
 
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
@@ -55,24 +115,33 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
         raise FileNotFoundError(f"{path}: encoder weights file does not exist")
     if path.suffix == ".json":
         meta = json.loads(path.read_text())
-        weights = read_encoder_weights(path.parent / meta.get("weights", EXPORT_WEIGHTS))
-        weights.arch, weights.in_chans = meta.get("architecture"), meta.get("in_chans")
-        return weights
+        return _described(read_encoder_weights(path.parent / meta.get("weights", EXPORT_WEIGHTS)),
+                          meta)
     if path.suffix == ".safetensors":
         try:
             state = safetensors.torch.load_file(str(path))
         except Exception as exc:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
         meta_path = path.with_name(EXPORT_META)
-        weights = EncoderWeights(state, path)
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            weights.arch, weights.in_chans = meta.get("architecture"), meta.get("in_chans")
-        return weights
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return _described(EncoderWeights(state, path), meta)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: cannot load as a weights-only torch file ({exc})") from None
+    return weights_from_blob(blob, path)
+
+
+def _described(weights: EncoderWeights, meta: dict) -> EncoderWeights:
+    """``weights`` with what an export's JSON says about them."""
+    weights.arch, weights.in_chans = meta.get("architecture"), meta.get("in_chans")
+    weights.img_size = meta.get("img_size")
+    return weights
+
+
+def weights_from_blob(blob: object, path: Path) -> EncoderWeights:
+    """The encoder weights in a loaded torch file (for a pretrain checkpoint: the online
+    encoder, with the architecture its config names)."""
     return EncoderWeights(_unwrap_state_dict(blob, path), path,
                           arch=_nested_get(blob, "config", "model", "arch"),
                           in_chans=_nested_get(blob, "config", "model", "in_chans"))
@@ -109,6 +178,7 @@ def load_into_encoder(model: nn.Module, weights: EncoderWeights) -> None:
             state.pop(f"{name}.weight", None)
             state.pop(f"{name}.bias", None)
     _adapt_first_conv(model, state, cfg)
+    _resample_pos_embed(model, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -119,6 +189,9 @@ def load_into_encoder(model: nn.Module, weights: EncoderWeights) -> None:
         raise EncoderMismatchError(
             f"{weights.source} (arch {weights.arch or 'unknown'}) does not fit encoder {arch}: "
             + "; ".join(filter(None, [
+                # e.g. convnet weights for a ViT: say so before the long key lists
+                "" if set(state) & set(expected) else "no tensor name in common (weights "
+                "of another kind of network)",
                 _describe("missing keys", missing),
                 _describe("unexpected keys", unexpected),
                 _describe("shape mismatch", [
@@ -137,6 +210,23 @@ def _adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], cfg: dic
         wanted = model.state_dict()[key].shape[1]
         if state[key].ndim == 4 and state[key].shape[1] != wanted:
             state[key] = adapt_input_conv(wanted, state[key])
+
+
+def _resample_pos_embed(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """ViT position embeddings made for another square patch grid (another crop size)
+    are resampled to the model's grid, as timm's ViT checkpoint filter does."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    expected, given = model.state_dict().get("pos_embed"), state.get("pos_embed")
+    if grid is None or expected is None or given is None or given.ndim != 3:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) \
+        else getattr(model, "num_prefix_tokens", 1)
+    patches = given.shape[1] - prefix
+    if given.shape == expected.shape or given.shape[2] != expected.shape[2] \
+            or patches < 1 or math.isqrt(patches) ** 2 != patches:
+        return  # equal, or not a square grid of the same width: the key check reports it
+    state["pos_embed"] = resample_abs_pos_embed(given, new_size=list(grid),
+                                                num_prefix_tokens=prefix)
 
 
 def _as_list(value: object) -> list[str]:

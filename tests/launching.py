@@ -21,9 +21,32 @@ def torchrun(*arguments: str) -> list[str]:
     return [sys.executable, str(LOOPBACK_TORCHRUN), *arguments]
 
 
+def process_tree(roots: set[int]) -> set[int]:
+    """``roots`` and all their descendants (torchrun starts workers in sessions of their
+    own, so killing an agent's process group leaves its workers running)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree = set(roots)
+    while True:
+        children = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        if not children:
+            return tree
+        tree |= children
+
+
 def worker_env(**extra: str) -> dict[str, str]:
-    """One thread per process (2 cores), gloo on the loopback interface."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **extra}
+    """One thread per process (2 cores), gloo on the loopback interface, and the agent
+    settings medssl's launch recipes use."""
+    from cluster.launch import TORCHRUN_ENV
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+            **TORCHRUN_ENV, **extra}
 
 
 def tiny_pretrain_overrides(prepared: Path, out: Path) -> list[str]:

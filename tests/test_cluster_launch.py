@@ -24,6 +24,7 @@ from cluster.slurm import SlurmJob, render_sbatch
 from tests.launching import (
     check_two_rank_run,
     free_port,
+    process_tree,
     tiny_pretrain_overrides,
     torchrun,
     worker_env,
@@ -83,7 +84,8 @@ def test_torchrun_cli(capsys: pytest.CaptureFixture[str]) -> None:
                          "--rdzv-endpoint", "node0:29400", "--monitor-interval", "2",
                          "run.out=a b"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d ")
+    assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 "
+                           "--nproc-per-node=4 --rdzv-backend=c10d ")
     assert line.endswith("--monitor-interval=2 -m pretrain 'run.out=a b'")
     with pytest.raises(SystemExit):
         cluster_main(["torchrun", "--nnodes", "4:2"])
@@ -203,7 +205,8 @@ def test_deepspeed_presets() -> None:
     assert "train_batch_size" not in config  # DeepSpeed derives it from the world size
     assert "optimizer" not in config and "scheduler" not in config  # medssl brings its own
     fp32 = deepspeed_config(0, 8, 1, bf16=False)
-    assert "torch_autocast" not in fp32 and "bf16" not in fp32 and "gradient_clipping" not in fp32
+    assert "torch_autocast" not in fp32 and "bf16" not in fp32
+    assert fp32["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0 by default
     assert micro_batch_size(1024, world_size=16, grad_accum=2) == 32
     with pytest.raises(ValueError, match="divisible"):
         micro_batch_size(100, world_size=16)
@@ -252,23 +255,6 @@ def test_deepspeed_presets_parse_with_deepspeed() -> None:
 # a socket bound beforehand, which torchrun does not expose. The agent creates two servers:
 # the c10d rendezvous store (on the endpoint's port) and, on the rank-0 node, the store its
 # workers share (MASTER_ADDR/MASTER_PORT). Workers only connect as clients.
-def _process_tree(roots: set[int]) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree = set(roots)
-    while True:
-        children = {pid for pid, ppid in parents.items() if ppid in tree} - tree
-        if not children:
-            return tree
-        tree |= children
-
-
 def _decode_address(hex_address: str) -> tuple[str, int]:
     host, port = hex_address.split(":")
     raw = bytes.fromhex(host)
@@ -331,7 +317,7 @@ def test_two_node_torchrun_pretraining(prepared: Path, tmp_path: Path) -> None:
     deadline = time.monotonic() + 300
     try:
         while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
-            listeners |= _listening_sockets(_process_tree({agent.pid for agent in agents}))
+            listeners |= _listening_sockets(process_tree({agent.pid for agent in agents}))
             time.sleep(0.25)
     finally:
         for agent in agents:

@@ -7,6 +7,7 @@ from typing import Literal
 import pytest
 
 from cluster.config import ConfigError, dump_yaml, load_config
+from pretrain.config import PretrainConfig
 
 
 @dataclass
@@ -74,3 +75,14 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(config))
     assert load_config(Outer, path) == config
+
+
+def test_a_section_given_in_part_keeps_its_default_keys() -> None:
+    """Overriding one key of view2 keeps view2's own defaults (noise, rare blur), which
+    differ from a bare ViewConfig's."""
+    config = load_config(PretrainConfig, None, ["augment.view2.scale=[0.2, 1.0]"])
+    defaults = PretrainConfig().augment
+    assert config.augment.view2.scale == (0.2, 1.0)
+    assert config.augment.view2.noise_std == defaults.view2.noise_std > 0
+    assert config.augment.view2.blur_prob == defaults.view2.blur_prob
+    assert config.augment.view1 == defaults.view1

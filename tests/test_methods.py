@@ -55,3 +55,28 @@ def test_a_contrastive_method_with_lars_through_the_engine(prepared: Path,
     groups = checkpoint["optimizer"]["param_groups"]
     assert [g["lars_adapt"] for g in groups] == [True, False]  # norms and biases excluded
     assert torch.isfinite(torch.tensor(result.final_loss))
+
+
+@pytest.mark.parametrize("name", ["byol", "simclr"])
+def test_accumulated_step_averages_the_micro_batch_gradients(name: str) -> None:
+    """Two micro batches in one step: the gradient is the mean of theirs, the reported
+    loss the mean of their losses, and the optimizer steps once."""
+    from pretrain.step import accumulated_step
+
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name=name, projector_hidden=32, projection_dim=16),
+                          create_encoder("resnet18", 1)).double()
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    micro = [tuple(torch.randn(2, 6, 1, 32, 32, dtype=torch.float64)) for _ in range(2)]
+    expected_grads, expected_losses = [], []
+    for view1, view2 in micro:
+        loss = method(view1, view2)
+        expected_losses.append(float(loss))
+        expected_grads.append(torch.autograd.grad(loss, trainable))
+    optimizer = torch.optim.SGD(trainable, lr=0.0)  # lr 0: the step leaves weights alone
+    loss = accumulated_step(method, method, optimizer, iter(micro), 2, lr=0.0, momentum=1.0)
+    assert float(loss) == pytest.approx(sum(expected_losses) / 2, rel=1e-12)
+    for param, first, second in zip(trainable, *expected_grads):
+        torch.testing.assert_close(param.grad, (first + second) / 2, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="needs 3 micro batches, got 2"):
+        accumulated_step(method, method, optimizer, iter(micro), 3, lr=0.0, momentum=1.0)

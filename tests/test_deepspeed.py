@@ -1,0 +1,136 @@
+"""The DeepSpeed backend on 2 CPU ranks (DS_ACCELERATOR=cpu, gloo), launched by torchrun:
+ZeRO stage 2 computes what DDP computes, saves per-rank optimizer shards that load with
+``weights_only=True``, and a run resumed from a saved checkpoint ends where an
+uninterrupted one ends."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+# DeepSpeed is a test dependency (`make test` installs it): imported plainly so a missing
+# install fails instead of skipping.
+import deepspeed  # noqa: F401
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, SHARDS_KEY, shard_name
+from tests.launching import free_port, torchrun, worker_env
+
+STEPS = 4  # 2 epochs of 2 optimizer steps, each of 2 micro batches per rank
+
+
+def _run(prepared: Path, out: Path, *settings: str) -> None:
+    command = torchrun(
+        "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "pretrain",
+        f"data.path={prepared}", f"run.out={out}", "run.device=cpu", "run.progress=false",
+        "run.log_every=1", "run.keep_epochs=[1]", "run.precision=fp32",
+        "model.arch=resnet18", "data.crop_size=32", "data.batch_size=16", "data.workers=1",
+        "data.epoch_samples=32", "optim.epochs=2", "optim.grad_accum=2",
+        "method.projector_hidden=64", "method.projection_dim=32", *settings,
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                          env=worker_env(DS_ACCELERATOR="cpu"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def _backbone(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "backbone.safetensors"))
+
+
+@pytest.mark.slow
+def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path: Path) -> None:
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero2"
+    _run(prepared, ddp)
+    _run(prepared, zero, "run.backend=deepspeed", "run.zero_stage=2")
+
+    # Same batches, same augmentations, same AdamW: DeepSpeed's gradient averaging and
+    # accumulation compute what DDP's do.
+    reference, losses = _losses(ddp), _losses(zero)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), step
+    for key, value in _backbone(ddp).items():
+        torch.testing.assert_close(_backbone(zero)[key], value, rtol=1e-4, atol=1e-5)
+
+    # The checkpoint points at one shard per rank; every file loads weights-only.
+    folder = zero / CHECKPOINT_DIR
+    latest = torch.load(folder / LATEST, weights_only=True)
+    assert latest["optimizer"] is None and latest["world_size"] == 2
+    shards = sorted((folder / latest[SHARDS_KEY]).iterdir())
+    assert [p.name for p in shards] == [shard_name(0), shard_name(1)]
+    halves = [torch.load(p, weights_only=True) for p in shards]
+    sizes = [sum(t.numel() for t in h["single_partition_of_fp32_groups"]) for h in halves]
+    trainable = sum(p.numel() for p in _backbone(ddp).values())
+    assert abs(sizes[0] - sizes[1]) <= 64 and sum(sizes) > trainable  # sharded, not copied
+    # Only the latest shards and the kept epoch's copy remain.
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(
+        [latest[SHARDS_KEY], "epoch0001-zero"])
+
+    # A run restarted from the kept end-of-epoch-1 checkpoint (weights and sharded
+    # optimizer state) finishes exactly like the uninterrupted one.
+    resumed = tmp_path / "resumed"
+    (resumed / CHECKPOINT_DIR).mkdir(parents=True)
+    shutil.copy(folder / "epoch0001.pt", resumed / CHECKPOINT_DIR / LATEST)
+    shutil.copytree(folder / "epoch0001-zero", resumed / CHECKPOINT_DIR / "epoch0001-zero")
+    _run(prepared, resumed, "run.backend=deepspeed", "run.zero_stage=2")
+    after = _losses(resumed)
+    assert sorted(after) == [3, 4]  # epoch 1's steps were not run again
+    for step in after:
+        assert after[step] == pytest.approx(losses[step], rel=1e-5), step
+    for key, value in _backbone(zero).items():
+        torch.testing.assert_close(_backbone(resumed)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_one_process_zero1_run_and_the_settings_a_resume_must_keep(prepared: Path,
+                                                                   tmp_path: Path) -> None:
+    """A plain `python -m pretrain` (a world of one) runs under DeepSpeed too; its sharded
+    checkpoint refuses a resume under DDP instead of loading half a state."""
+    import sys
+
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "pretrain", f"data.path={prepared}", f"run.out={out}",
+            "run.device=cpu", "run.progress=false", "model.arch=resnet18",
+            "data.crop_size=32", "data.batch_size=16", "data.workers=1",
+            "data.epoch_samples=32", "optim.epochs=1", "method.projector_hidden=64",
+            "method.projection_dim=32"]
+    env = worker_env(DS_ACCELERATOR="cpu")
+    done = subprocess.run([*base, "run.backend=deepspeed", "run.zero_stage=1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    latest = torch.load(out / CHECKPOINT_DIR / LATEST, weights_only=True)
+    assert [p.name for p in (out / CHECKPOINT_DIR / latest[SHARDS_KEY]).iterdir()] == \
+        [shard_name(0)]
+    again = subprocess.run([*base, "optim.epochs=2"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert again.returncode != 0
+    assert "keeps the optimizer state sharded" in again.stderr
+    assert "run.backend=ddp, run.zero_stage=0 cannot load" in again.stderr
+
+
+def test_lars_is_refused_where_zero_flattens_its_layers() -> None:
+    from cluster.distributed import DistInfo
+    from pretrain.config import MethodConfig
+    from pretrain.deepspeed_backend import DeepSpeedBackend
+    from pretrain.methods import build_method
+    from pretrain.optim import build_optimizer
+    from pretrain.weights import create_encoder
+
+    method = build_method(MethodConfig(projector_hidden=16, projection_dim=8),
+                          create_encoder("resnet18", 1))
+    lars = build_optimizer("lars", method, lr=0.1, weight_decay=1e-6, momentum=0.9,
+                           eta=1e-3)
+    with pytest.raises(ValueError, match=r"use run\.zero_stage=0 or optim\.name=adamw"):
+        DeepSpeedBackend(method, lars, DistInfo(0, 1, 0, torch.device("cpu")),
+                         micro_batch=8, grad_accum=1, zero_stage=2, precision="fp32",
+                         channels_last=False, compile=False)
