@@ -1,8 +1,12 @@
 """Batched augmentation on the training device, with per-sample random parameters.
 
-DataLoader workers only read and decode; every random crop, flip and intensity change
-happens here on whole batches (on the GPU when there is one). Only operations that make
-sense for 1-channel intensity images are used: no hue, saturation or grayscale.
+DataLoader workers only read and decode; every random crop, flip, rotation and intensity
+change happens here on whole batches (on the GPU when there is one). Only operations that
+make sense for 1-channel intensity images are used: no hue, saturation or grayscale.
+
+Per view, in this order (:mod:`pretrain.dali_augment` mirrors it for the DALI loader):
+random resized crop, flips and rotation as one affine resampling; Gaussian blur; gamma;
+contrast; brightness; Gaussian noise. A setting that is off draws no random numbers.
 """
 
 from __future__ import annotations
@@ -14,46 +18,113 @@ import torch.nn.functional as F
 
 from pretrain.config import ViewConfig
 
+NO_BLUR_SIGMA = 1e-3  # a kernel whose side weights underflow to 0: the identity (as in DALI)
+
 
 def _uniform(low: float, high: float, n: int, generator: torch.Generator,
              device: torch.device) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
 
+def crop_theta(width: torch.Tensor, height: torch.Tensor, angle: torch.Tensor,
+               shift_x: torch.Tensor, shift_y: torch.Tensor, flip_x: torch.Tensor,
+               flip_y: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
+    """Affine matrices (B, 2, 3) in ``affine_grid`` coordinates for crops rotated by
+    ``angle`` (radians) about their centre, that stay inside the image.
+
+    ``width``/``height`` are the crop's sides as fractions of the image's, ``shift_*`` in
+    [-1, 1] place its centre within the room left, ``flip_*`` are +-1 and ``aspect`` is the
+    image's height / width (rotation acts in pixels, not in stretched grid units). A rotated
+    crop is shrunk, keeping its aspect ratio, until its bounding box fits the image.
+    """
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Half-extents of the rotated crop's bounding box, as fractions of the image's.
+    reach_x = cos.abs() * width + sin.abs() * height * aspect
+    reach_y = sin.abs() * width / aspect + cos.abs() * height
+    shrink = 1.0 / torch.maximum(torch.maximum(reach_x, reach_y), torch.ones_like(reach_x))
+    width, height = width * shrink * flip_x, height * shrink * flip_y
+    theta = torch.stack([
+        cos * width, -sin * height * aspect, shift_x * (1 - reach_x * shrink),
+        sin * width / aspect, cos * height, shift_y * (1 - reach_y * shrink),
+    ], dim=1)
+    return theta.view(-1, 2, 3)
+
+
 def crop_flip_theta(batch: int, view: ViewConfig, generator: torch.Generator,
-                    device: torch.device) -> torch.Tensor:
-    """Affine matrices (B, 2, 3) in ``affine_grid`` coordinates for random resized crops
-    that stay inside the image, with optional horizontal/vertical flips."""
+                    device: torch.device, aspect: float = 1.0) -> torch.Tensor:
+    """Random :func:`crop_theta` matrices of ``view``: area and log aspect ratio uniform in
+    ``view.scale``/``view.ratio`` (sides clipped to the image), flips with probability
+    ``view.hflip``/``view.vflip``, angle uniform in +-``view.rotation`` degrees."""
     area = _uniform(view.scale[0], view.scale[1], batch, generator, device)
     log_ratio = _uniform(math.log(view.ratio[0]), math.log(view.ratio[1]), batch, generator,
                          device)
     ratio = torch.exp(log_ratio)
-    # Crop width and height as fractions of the image side, clipped to the image.
     width = torch.sqrt(area * ratio).clamp(max=1.0)
     height = torch.sqrt(area / ratio).clamp(max=1.0)
-    center_x = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * (1 - width)
-    center_y = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * (1 - height)
+    shift_x = _uniform(-1.0, 1.0, batch, generator, device)
+    shift_y = _uniform(-1.0, 1.0, batch, generator, device)
     flip_x = torch.where(torch.rand(batch, generator=generator, device=device) < view.hflip,
                          -1.0, 1.0)
     flip_y = torch.where(torch.rand(batch, generator=generator, device=device) < view.vflip,
                          -1.0, 1.0)
-    theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = width * flip_x
-    theta[:, 0, 2] = center_x
-    theta[:, 1, 1] = height * flip_y
-    theta[:, 1, 2] = center_y
-    return theta
+    if view.rotation > 0:  # drawn last: views without rotation keep their random stream
+        angle = _uniform(-view.rotation, view.rotation, batch, generator, device)
+        angle = angle * (math.pi / 180.0)
+    else:
+        angle = torch.zeros(batch, device=device)
+    return crop_theta(width, height, angle, shift_x, shift_y, flip_x, flip_y, aspect)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with per-sample ``sigma`` (B,) in pixels.
+
+    As DALI's ``fn.gaussian_blur``: a normalised kernel of radius ceil(3 sigma) and mirrored
+    borders that do not repeat the edge pixel. ``radius`` caps the kernel for the whole
+    batch (from the config, so no device sync) and is itself capped by the image size.
+    """
+    batch, chans, height, width = images.shape
+    radius = min(radius, height - 1, width - 1)
+    if radius < 1:
+        return images
+    taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    sigma = sigma.to(images.dtype)[:, None]
+    weights = torch.exp(-taps**2 / (2 * sigma**2))
+    weights = torch.where(taps.abs() <= torch.ceil(3 * sigma), weights, 0.0)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(chans, dim=0)
+    # One group per (sample, channel): each gets its own kernel in a single conv call.
+    out = images.reshape(1, batch * chans, height, width)
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"),
+                   weights.view(batch * chans, 1, 1, -1), groups=batch * chans)
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"),
+                   weights.view(batch * chans, 1, -1, 1), groups=batch * chans)
+    return out.view(batch, chans, height, width)
 
 
 def augment_view(images: torch.Tensor, view: ViewConfig, size: int,
                  generator: torch.Generator) -> torch.Tensor:
-    """One augmented view (B, C, size, size) of a float batch (B, C, H, W)."""
-    batch, device = images.shape[0], images.device
-    theta = crop_flip_theta(batch, view, generator, device)
-    grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
+    """One augmented view (B, C, size, size), float32, of a batch (B, C, H, W)."""
+    batch, chans, in_height, in_width = images.shape
+    device = images.device
+    theta = crop_flip_theta(batch, view, generator, device, aspect=in_height / in_width)
+    grid = F.affine_grid(theta, [batch, chans, size, size], align_corners=False)
+    # Crops stay inside the image; "border" only guards rounding at its very edge.
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
                         align_corners=False)
     shape = (batch, 1, 1, 1)
+    if view.blur_prob > 0:
+        blurred = torch.rand(batch, generator=generator, device=device) < view.blur_prob
+        sigma = _uniform(*view.blur_sigma, batch, generator, device)
+        sigma = torch.where(blurred, sigma, NO_BLUR_SIGMA)
+        out = gaussian_blur(out, sigma, math.ceil(3 * view.blur_sigma[1]))
+    low, high = view.gamma
+    if (low, high) != (1.0, 1.0):
+        # Gamma acts on [0, 1]: rescale by each image's own range and back, so intensities
+        # keep their span and a constant image stays constant.
+        lowest = out.amin(dim=(1, 2, 3), keepdim=True)
+        spread = out.amax(dim=(1, 2, 3), keepdim=True) - lowest
+        gamma = torch.exp(_uniform(math.log(low), math.log(high), batch, generator, device))
+        unit = (out - lowest) / spread.clamp(min=1e-6)
+        out = lowest + spread * unit.pow(gamma.view(shape))
     if view.contrast > 0:
         factor = _uniform(1 - view.contrast, 1 + view.contrast, batch, generator, device)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)

@@ -1,0 +1,118 @@
+"""The DALI backend of the pretraining loader: same shards, same tensors as ``build_loader``.
+
+DALI reads the shards through the index files ``prepare`` writes next to each tar
+(:mod:`data_prep.dali_index`), decodes and normalises every image, and, given two view
+configs, also augments them, on the GPU when the device is CUDA and on the CPU otherwise
+(``device_id=None``). Each rank reads its own contiguous part of the samples
+(``shard_id``/``num_shards``). DALI is an optional dependency: this module imports
+without it and :func:`build_dali_loader` says how to install it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.dali_index import default_index_path
+from data_prep.shard_reader import decode_npy, shard_paths
+from pretrain.config import ViewConfig
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class DaliNotInstalledError(ImportError):
+    """The DALI backend was chosen but ``nvidia.dali`` cannot be imported."""
+
+
+def require_dali() -> None:
+    """Fail early, with the fix, when DALI (or its PyTorch plugin) cannot be imported."""
+    try:
+        import nvidia.dali  # the package first: its submodules may be imported already
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except ImportError as exc:
+        raise DaliNotInstalledError(
+            "the DALI data backend needs NVIDIA DALI, which cannot be imported "
+            f"({exc}); install it with `pip install -e '.[dali]'` (nvidia-dali-cuda130), "
+            "or use the WebDataset loader") from exc
+
+
+def index_paths(paths: list[str]) -> list[str]:
+    """The DALI index file of each shard, which ``prepare`` writes next to it."""
+    indices = [default_index_path(Path(p)) for p in paths]
+    for tar, index in zip(paths, indices):
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"{index} does not exist: DALI needs an index file next to {tar}; prepare the "
+                "dataset again, or write them with data_prep.dali_index.write_dali_indices")
+    return [str(i) for i in indices]
+
+
+def image_ndim(tar: str, index: str) -> int:
+    """Dimensions of the first stored image (2 or 3): the pipeline's layout ops depend on it."""
+    with open(index) as lines:
+        lines.readline()  # header
+        fields = lines.readline().split()
+    members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
+               for i in range(0, len(fields) - 3, 4)}
+    if "image.npy" not in members:
+        raise ValueError(f"{index}: the first sample has no image.npy")
+    offset, size = members["image.npy"]
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        ndim = decode_npy(f.read(size), f"{tar}:{offset}").ndim
+    if ndim not in (2, 3):
+        raise ValueError(f"{tar}: images must be (H, W) or (C, H, W), got {ndim} dimensions")
+    return ndim
+
+
+def build_dali_loader(
+    data_path: str, *, per_rank_batch: int, rank: int, world_size: int, seed: int,
+    device: torch.device | str, shuffle_buffer: int, threads: int,
+    views: tuple[ViewConfig, ViewConfig] | None = None, crop_size: int = 0,
+) -> Iterator[Batch]:
+    """An endless iterator of float32 batches: (B, C, H, W) normalised images, or with
+    ``views`` two augmented views (B, C, crop_size, crop_size) each.
+
+    With ``shuffle_buffer > 1`` the shard order is permuted by ``seed`` (the same on every
+    rank, so the ranks' parts stay disjoint) and samples pass a shuffle buffer; otherwise
+    each rank reads its part in stored order. Random augmentation parameters depend only
+    on ``seed`` and ``rank``: the same arguments give the same batches.
+    """
+    if per_rank_batch < 1 or threads < 1:
+        raise ValueError(f"per_rank_batch and threads must be >= 1, got {per_rank_batch}, "
+                         f"{threads}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if views is not None and crop_size < 1:
+        raise ValueError(f"augmented views need crop_size >= 1, got {crop_size}")
+    require_dali()
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from pretrain.dali_pipeline import build_pipeline
+
+    paths = shard_paths(data_path)
+    if shuffle_buffer > 1:
+        paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
+    indices = index_paths(paths)
+    device = torch.device(device)
+    device_id = None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
+    pipe_seed = int(np.random.SeedSequence((seed, rank)).generate_state(1)[0] & 0x7FFFFFFF)
+    pipe = build_pipeline(
+        paths, indices, batch_size=per_rank_batch, shard_id=rank, num_shards=world_size,
+        shuffle_buffer=shuffle_buffer, seed=pipe_seed, device_id=device_id, threads=threads,
+        image_ndim=image_ndim(paths[0], indices[0]), views=views, crop_size=crop_size)
+    pipe.build()
+    names = ["images"] if views is None else ["view1", "view2"]
+    # No reader_name and size=-1: the iterator never ends, like build_loader's repeat().
+    return _batches(DALIGenericIterator(pipe, names), names)
+
+
+def _batches(iterator: Iterator[list[dict[str, torch.Tensor]]],
+             names: list[str]) -> Iterator[Batch]:
+    for (outputs,) in iterator:
+        yield outputs[names[0]] if len(names) == 1 else (outputs[names[0]], outputs[names[1]])
