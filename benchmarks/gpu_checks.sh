@@ -99,8 +99,10 @@ ds=(torchrun --nproc-per-node 1 -m pretrain data.path="$WORK/prepared_256" data.
     run.out="$WORK/deepspeed_run" run.backend=deepspeed run.zero_stage=2 optim.grad_accum=2
     run.progress=false run.log_every=5)
 start=$SECONDS
-TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 timeout 150 "${ds[@]}" optim.epochs=1 2>&1 | tail -3
-TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 timeout 90 "${ds[@]}" optim.epochs=2 2>&1 | tail -3
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 timeout 150 "${ds[@]}" optim.epochs=1 >"$WORK/ds1.log" 2>&1 \
+    || { tail -40 "$WORK/ds1.log"; exit 1; }
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 timeout 90 "${ds[@]}" optim.epochs=2 >"$WORK/ds2.log" 2>&1 \
+    || { tail -40 "$WORK/ds2.log"; exit 1; }
 ls "$WORK/deepspeed_run/checkpoints"
 echo "deepspeed: 2 epochs of 10 steps (1, then 1 resumed) in $((SECONDS - start)) s"
 report "$WORK/deepspeed_run"

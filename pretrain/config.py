@@ -132,7 +132,7 @@ class RunConfig:
     backend: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 plain, 1 optimizer state, 2 + gradients sharded
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # on CUDA, with run.backend=ddp
     compile: bool = False  # torch.compile the networks (CUDA)
     sync_batchnorm: bool = True  # BatchNorm statistics over the global batch (multi-process)
     # Checkpoints: checkpoints/last.pt at every epoch end and every N steps (0: epochs

@@ -75,7 +75,10 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     warmup_steps = int(config.optim.warmup_epochs * spe)
 
     torch.manual_seed(config.run.seed + dist.rank)
-    channels_last = device.type == "cuda" and config.run.channels_last
+    # DeepSpeed broadcasts each parameter as raw bytes at start-up, which needs the default
+    # (contiguous) layout: channels_last is a DDP-path speed-up.
+    channels_last = device.type == "cuda" and config.run.channels_last and \
+        config.run.backend == "ddp"
     checkpoint = load_latest(run_dir)
     model = build_model(config, initialise=checkpoint is None).to(device)
     if channels_last:
