@@ -130,6 +130,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             shards = shard_folder_name(step)
             backend.save_shard(run_dir / CHECKPOINT_DIR / shards, dist.rank)
             barrier(dist)  # every shard is in place before last.pt points at them
+        if writer is not None:
+            writer.flush()  # the logs up to a checkpoint survive a crash after it
         if dist.is_main:
             keep = f"epoch{epoch_done:04d}.pt" if steps_done == 0 and \
                 epoch_done in config.run.keep_epochs else None

@@ -51,7 +51,8 @@ def test_console_script_dispatches(tmp_path: Path) -> None:
     )
     assert launch.returncode == 0
     assert launch.stdout.split() == [
-        "torchrun", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "torchrun", "--nnodes=2", "--nproc-per-node=4",
+        "--rdzv-backend=c10d",
         "--rdzv-endpoint=10.1.2.3:29400", "--rdzv-id=medssl", "--max-restarts=3", "-m",
         "pretrain", "--config", "cfg.yaml", "optim.epochs=5",
     ]
