@@ -48,6 +48,8 @@ class DDPBackend:
 
     def __init__(self, method: SSLMethod, optimizer: torch.optim.Optimizer, dist: DistInfo,
                  *, precision: str, channels_last: bool, compile: bool) -> None:
+        if channels_last:  # in place: the optimizer keeps its parameters
+            method.to(memory_format=torch.channels_last)
         self.method, self.optimizer = method, optimizer
         self.precision, self.channels_last = precision, channels_last
         trained: nn.Module = DistributedDataParallel(method) if dist.distributed else method

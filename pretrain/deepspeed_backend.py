@@ -71,7 +71,9 @@ class DeepSpeedBackend:
                 store=torch.distributed.HashStore(), rank=0, world_size=1)
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on reading it
         self.method, self.base_optimizer = method, optimizer
-        self.channels_last = channels_last
+        # DeepSpeed broadcasts each parameter as raw bytes at start-up, which needs the
+        # default (contiguous) layout: channels_last stays a DDP-path speed-up.
+        self.channels_last = False
         self.sharded_optimizer = zero_stage > 0
         # The BYOL target network is part of the module but has no gradients and is not in
         # the optimizer: DeepSpeed broadcasts it once, and the method's EMA keeps it in step.

@@ -75,14 +75,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     warmup_steps = int(config.optim.warmup_epochs * spe)
 
     torch.manual_seed(config.run.seed + dist.rank)
-    # DeepSpeed broadcasts each parameter as raw bytes at start-up, which needs the default
-    # (contiguous) layout: channels_last is a DDP-path speed-up.
-    channels_last = device.type == "cuda" and config.run.channels_last and \
-        config.run.backend == "ddp"
     checkpoint = load_latest(run_dir)
     model = build_model(config, initialise=checkpoint is None).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if dist.distributed and config.run.sync_batchnorm:
         # BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, ours elsewhere
         model = convert_sync_batchnorm(model, device.type)
@@ -95,10 +89,11 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     backend = build_backend(
         config.run.backend, model, optimizer, dist, micro_batch=plan.micro_batch,
         grad_accum=accum, zero_stage=config.run.zero_stage, precision=config.run.precision,
-        channels_last=channels_last, compile=config.run.compile)
+        channels_last=device.type == "cuda" and config.run.channels_last,
+        compile=config.run.compile)
     start_epoch, step, first_step = 0, 0, 0
     if checkpoint is not None:
-        _restore_optimizer(backend, checkpoint, run_dir)
+        _restore_optimizer(backend, checkpoint, config, run_dir)
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
         first_step = _resume_step(checkpoint, plan)
         restore_rng(checkpoint.get("rng", []), dist.rank, dist.world_size)
@@ -138,7 +133,6 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             save_checkpoint(run_dir, {
                 "model": method.state_dict(), "optimizer": backend.optimizer_state(),
                 SHARDS_KEY: shards, "epoch": epoch_done, "position": steps_done,
-                "epoch_samples_done": steps_done * plan.global_batch,
                 "global_batch": plan.global_batch, "grad_accum": accum, "step": step,
                 "rng": rng, "world_size": dist.world_size, "config": to_dict(config),
             }, keep_as=keep)
@@ -257,18 +251,18 @@ def _check_resumable(checkpoint: dict, config: PretrainConfig, run_dir: Path) ->
         if before != now:
             raise ValueError(f"{run_dir}: its checkpoint was made with another {key} "
                              f"({before}, now {now}); use a new run.out")
-    sharded = config.run.backend == "deepspeed" and config.run.zero_stage > 0
-    if bool(checkpoint.get(SHARDS_KEY)) != sharded:
-        saved_run = saved.get("run", {})
+
+
+def _restore_optimizer(backend: Backend, checkpoint: dict, config: PretrainConfig,
+                       run_dir: Path) -> None:
+    if bool(checkpoint.get(SHARDS_KEY)) != backend.sharded_optimizer:
+        saved_run = checkpoint.get("config", {}).get("run", {})
         raise ValueError(
             f"{run_dir}: its checkpoint keeps the optimizer state "
             f"{'sharded' if checkpoint.get(SHARDS_KEY) else 'whole'} (run.backend="
             f"{saved_run.get('backend', 'ddp')}, run.zero_stage={saved_run.get('zero_stage', 0)}"
             f"), which run.backend={config.run.backend}, run.zero_stage="
             f"{config.run.zero_stage} cannot load; resume with the same settings")
-
-
-def _restore_optimizer(backend: Backend, checkpoint: dict, run_dir: Path) -> None:
     if backend.sharded_optimizer:
         backend.load_shards(shard_files(run_dir, checkpoint))
     else:
@@ -279,11 +273,11 @@ def _resume_step(checkpoint: dict, plan: BatchPlan) -> int:
     """Optimizer steps of the checkpoint's epoch to skip: exactly its position when the
     batching is unchanged, else as many as its consumed samples fill (elastic restart)."""
     position = int(checkpoint.get("position", 0))
-    if (checkpoint.get("world_size"), checkpoint.get("global_batch"),
-            checkpoint.get("grad_accum", 1)) == (plan.world_size, plan.global_batch,
-                                                 plan.grad_accum):
+    saved_batch = int(checkpoint.get("global_batch", plan.global_batch))
+    if (checkpoint.get("world_size"), saved_batch, checkpoint.get("grad_accum", 1)) == \
+            (plan.world_size, plan.global_batch, plan.grad_accum):
         return position
-    return plan.resume_point(int(checkpoint.get("epoch_samples_done", 0)))
+    return plan.resume_point(position * saved_batch)
 
 
 def _log_view_pairs(writer: SummaryWriter, view1: torch.Tensor, view2: torch.Tensor,
