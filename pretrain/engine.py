@@ -164,30 +164,30 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             bar.update(1)
             if writer is not None and step == launch_step + 1:
                 _log_view_pairs(writer, *views.last, step)
+            # Logged before a checkpoint, whose flush then makes the step's scalars durable.
+            if step % config.run.log_every == 0 or step == 1:
+                if pending is not None:
+                    loss_value = check_finite(*pending, dist.rank)
+                    pending = None  # just checked
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
+                if writer is not None:
+                    elapsed = time.perf_counter() - last_log
+                    views_per_s = 2 * plan.global_batch * steps_since_log / elapsed
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/epoch", progress / spe, step)  # at the step's start
+                    if method.uses_momentum:
+                        writer.add_scalar("train/tau", momentum, step)
+                    writer.add_scalar("perf/views_per_s", views_per_s, step)
+                    writer.add_scalar("perf/data_wait_fraction", views.wait_s / elapsed, step)
+                    spread = _embedding_std(method, views.last[0])
+                    if torch.isfinite(spread).all():  # diverged weights fail the next loss check
+                        writer.add_histogram("collapse/embedding_std", spread, step)
+                last_log, steps_since_log = time.perf_counter(), 0
+                views.wait_s = 0.0
             every = config.run.checkpoint_every
             if every and step % every == 0 and index + 1 < spe:
                 checkpoint_now(epoch, index + 1)
-            if not (step % config.run.log_every == 0 or step == 1):
-                continue
-            if pending is not None:
-                loss_value = check_finite(*pending, dist.rank)
-                pending = None  # just checked
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
-            if writer is not None:
-                elapsed = time.perf_counter() - last_log
-                views_per_s = 2 * plan.global_batch * steps_since_log / elapsed
-                writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/epoch", progress / spe, step)  # at the step's start
-                if method.uses_momentum:
-                    writer.add_scalar("train/tau", momentum, step)
-                writer.add_scalar("perf/views_per_s", views_per_s, step)
-                writer.add_scalar("perf/data_wait_fraction", views.wait_s / elapsed, step)
-                spread = _embedding_std(method, views.last[0])
-                if torch.isfinite(spread).all():  # diverged weights fail the next loss check
-                    writer.add_histogram("collapse/embedding_std", spread, step)
-            last_log, steps_since_log = time.perf_counter(), 0
-            views.wait_s = 0.0
         del views, loader
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
