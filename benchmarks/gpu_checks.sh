@@ -7,7 +7,11 @@
 #      then resumed for one more epoch from its checkpoint;
 #   3. each method (SimCLR, Barlow Twins, VICReg, BYOL) with LARS through the engine;
 #   4. the DeepSpeed backend (ZeRO 2, bf16 autocast, 2 accumulated micro batches) through
-#      the engine, then resumed from its optimizer shards; a ViT-S/16 through the engine.
+#      the engine, then resumed from its optimizer shards; a ViT-S/16 through the engine;
+#   5. (not in the default SECTIONS; about 2 minutes) loader-only throughput: the shard
+#      loader + GPU augmentation (and DALI where installed) against a PIL + torchvision
+#      DataLoader baseline, 4 and 8 workers, batch 256, 224 px, next to the views/s a
+#      compiled ResNet-50 BYOL step consumes (target >= 1.3x).
 # The GPU image lacks webdataset, zarr, nibabel and DeepSpeed: pass a folder of their wheels as
 # WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
 # carry there, so its GPU pipeline is not measured here.
@@ -114,5 +118,12 @@ timeout 150 python3 -m pretrain data.path="$WORK/prepared_256" data.batch_size=2
     run.out="$WORK/vit_run" run.progress=false run.log_every=5 >/dev/null
 echo "vit: $((SECONDS - start)) s with start-up and compilation"
 report "$WORK/vit_run"
+}
+
+[[ " $SECTIONS " == *" 5 "* ]] && {
+echo "== 5. loader-only throughput vs PIL + torchvision, and vs ResNet-50 consumption"
+timeout 300 python3 benchmarks/loader_throughput.py --work "$WORK" --data "$WORK/prepared_256" \
+    --batch 256 --crop 224 --workers 4 8 --warmup 3 --timed ${LOADER_BATCHES:-20} \
+    --consumption-arch resnet50 --compile
 }
 exit 0

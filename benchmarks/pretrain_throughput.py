@@ -23,9 +23,11 @@ GPU (ResNet-50 BYOL at 224 px, bf16, channels_last, compiled)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from pretrain.config import (
     PretrainConfig,
     RunConfig,
 )
-from pretrain.data import build_loader
+from pretrain.data import Stretch, build_loader, epoch_length
 from pretrain.model import build_model
 from pretrain.step import autocast_for, ssl_step
 
@@ -63,6 +65,17 @@ def make_dataset(work: Path, image_size: int, patients: int) -> Path:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def endless_batches(data: Path, batch: int, workers: int,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    """The engine's loader, epoch after epoch (a new loader per epoch, as in training)."""
+    steps = epoch_length(str(data), 0) // batch
+    for epoch in itertools.count():
+        yield from build_loader(
+            str(data), seed=0, epoch=epoch, rank=0, pin_memory=device.type == "cuda",
+            stretch=Stretch(world_size=1, micro_batch=batch, workers=workers, block=256,
+                            batches=steps))
 
 
 def main() -> None:
@@ -123,10 +136,7 @@ def main() -> None:
     flops = step_flops(byol, noise, args.precision, channels_last)
 
     # 3. loader alone
-    loader = build_loader(str(data), per_rank_batch=args.batch, workers=args.workers,
-                          shuffle_buffer=256, seed=0, rank=0,
-                          pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    batches = endless_batches(data, args.batch, args.workers, device)
     for _ in range(args.warmup):
         next(batches)
     start = time.perf_counter()

@@ -1,9 +1,17 @@
-"""Reading prepared shards: decoded, normalised slices for pretraining loaders."""
+"""Reading prepared shards: decoded, normalised slices, streamed or by sample number.
+
+:func:`iterate_shards` streams whole shards in stored order (verification, tests).
+:class:`IndexedShards` reads any samples by their global number through the index file
+``prepare`` writes next to each tar (the one DALI reads), seeking straight to their bytes:
+the pretraining loader uses it to split an epoch exactly across ranks and workers and to
+resume mid-epoch without reading what it skips.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +19,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from data_prep.dali_index import default_index_path
 from data_prep.manifest import Manifest
 from data_prep.normalize import apply_norm
 
@@ -55,26 +64,118 @@ def iterate_shards(paths: list[str]) -> wds.WebDataset:
     return wds.WebDataset(paths, shardshuffle=False, empty_check=False).map(decode_sample)
 
 
-def image_stream(
-    paths: list[str], *, seed: int, shuffle_buffer: int = 1000, split_by_node: bool = True
-) -> wds.WebDataset:
-    """An endless-per-epoch stream of normalised float32 images (C, H, W).
-
-    Shards are shuffled each epoch and split across ranks and DataLoader workers, so
-    workers only read and decode; augmentation runs batched on the training device.
-    """
-    dataset = wds.WebDataset(
-        paths,
-        shardshuffle=len(paths),
-        seed=seed,
-        nodesplitter=wds.split_by_node if split_by_node else wds.single_node_only,
-        workersplitter=wds.split_by_worker,
-        empty_check=False,
-    )
-    if shuffle_buffer > 1:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
-    return dataset.map(lambda s: _with_channel_axis(decode_sample(s).image))
-
-
-def _with_channel_axis(image: np.ndarray) -> np.ndarray:
+def decode_image(image_npy: bytes, meta_json: bytes, where: str) -> np.ndarray:
+    """A stored image normalised to float32, with a leading channel axis: (C, H, W)."""
+    try:
+        norm = json.loads(meta_json)["norm"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"sample {where}: meta.json has no readable norm ({exc})") from None
+    image = apply_norm(decode_npy(image_npy, f"{where}/image.npy"), norm)
     return image[None] if image.ndim == 2 else image
+
+
+# Columns of a shard's table: byte offset and size of image.npy and of meta.json.
+_IMAGE_OFFSET, _IMAGE_SIZE, _META_OFFSET, _META_SIZE = range(4)
+_RUN_SAMPLES = 256  # samples per read call at most (a 512 px int16 slice is 0.5 MiB)
+
+
+class IndexedShards:
+    """A prepared dataset's pretraining samples, numbered 0..N-1 in manifest shard order.
+
+    Sample ``i`` lives in shard ``s`` where ``starts[s] <= i < starts[s + 1]``. Index files
+    are parsed on first use of their shard, so a loader worker only parses what it reads.
+    """
+
+    def __init__(self, prepared_dir: str | Path) -> None:
+        manifest = Manifest.read(prepared_dir)
+        self.paths = [Path(prepared_dir) / "shards" / s["name"] for s in manifest.shards]
+        self.counts = np.array([int(s["samples"]) for s in manifest.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self._tables: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def table(self, shard: int) -> np.ndarray:
+        """(samples, 4) int64: image.npy and meta.json offset/size of each sample."""
+        if shard not in self._tables:
+            self._tables[shard] = _parse_index(self.paths[shard], int(self.counts[shard]))
+        return self._tables[shard]
+
+    def read(self, ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """The decoded images of samples ``ids``, in that order.
+
+        Samples are fetched in file order, consecutive ones in one read, so a block of a
+        shuffled epoch costs a few sequential reads however it was permuted.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"sample numbers must lie in [0, {len(self)})")
+        images: list[np.ndarray | None] = [None] * len(ids)
+        by_file = np.argsort(ids, kind="stable")
+        for shard, local, slots in _runs(ids[by_file], by_file, self.starts):
+            for image, slot in zip(self._read_run(shard, local), slots):
+                images[slot] = image
+        return images  # type: ignore[return-value]
+
+    def _read_run(self, shard: int, local: np.ndarray) -> Iterator[np.ndarray]:
+        """Decode samples ``local`` (sorted, consecutive or repeated) of one shard."""
+        rows = self.table(shard)[local]
+        begin = int(min(rows[:, _IMAGE_OFFSET].min(), rows[:, _META_OFFSET].min()))
+        end = int(max((rows[:, _IMAGE_OFFSET] + rows[:, _IMAGE_SIZE]).max(),
+                      (rows[:, _META_OFFSET] + rows[:, _META_SIZE]).max()))
+        path = self.paths[shard]
+        with open(path, "rb") as f:
+            f.seek(begin)
+            data = f.read(end - begin)
+        if len(data) != end - begin:
+            raise ValueError(f"{path}: shorter than its index says (truncated shard?)")
+        view = memoryview(data)
+        for number, row in zip(local, rows):
+            image_at, meta_at = row[_IMAGE_OFFSET] - begin, row[_META_OFFSET] - begin
+            yield decode_image(view[image_at:image_at + row[_IMAGE_SIZE]],
+                               bytes(view[meta_at:meta_at + row[_META_SIZE]]),
+                               f"{path}#{number}")
+
+
+def _runs(sorted_ids: np.ndarray, slots: np.ndarray,
+          starts: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Split sorted sample numbers into (shard, local numbers, output slots) runs that one
+    bounded read covers: same shard, no gap between neighbours."""
+    if not len(sorted_ids):
+        return
+    shards = np.searchsorted(starts, sorted_ids, side="right") - 1
+    local = sorted_ids - starts[shards]
+    breaks = np.flatnonzero((np.diff(shards) != 0) | (np.diff(local) > 1)) + 1
+    for begin, end in zip(np.r_[0, breaks], np.r_[breaks, len(sorted_ids)]):
+        # a run of many samples is read in pieces, so no single read grows unbounded
+        for piece in range(begin, end, _RUN_SAMPLES):
+            stop = min(end, piece + _RUN_SAMPLES)
+            yield int(shards[piece]), local[piece:stop], slots[piece:stop]
+
+
+
+def _parse_index(tar_path: Path, expected: int) -> np.ndarray:
+    """A shard's index file as a table; errors name the file and what is wrong."""
+    index = default_index_path(tar_path)
+    try:
+        lines = index.read_text().splitlines()
+    except OSError as exc:
+        raise FileNotFoundError(f"{index}: cannot read the index of {tar_path.name} ({exc}); "
+                                "prepare the dataset again, or write it with "
+                                "data_prep.dali_index.write_dali_indices") from None
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or header[0] != "v1.2" or header[1] != str(expected) or \
+            len(lines) != expected + 1:
+        raise ValueError(f"{index}: expected a v1.2 index of {expected} samples (the "
+                         f"manifest's count for {tar_path.name}), found header {header} and "
+                         f"{len(lines) - 1} sample lines")
+    table = np.empty((expected, 4), dtype=np.int64)
+    for number, line in enumerate(lines[1:]):
+        fields = line.split()
+        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
+                   for i in range(0, len(fields) - 3, 4)}
+        if "image.npy" not in members or "meta.json" not in members:
+            raise ValueError(f"{index}: sample {number} lacks image.npy or meta.json")
+        table[number] = (*members["image.npy"], *members["meta.json"])
+    return table

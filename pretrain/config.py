@@ -14,9 +14,16 @@ class DataConfig:
     # > 0: a fixed per-rank micro batch instead; the global batch (and with it the
     # learning rate) then follows the world size, e.g. after an elastic restart.
     batch_per_rank: int = 0
+    # webdataset: DataLoader workers read and decode the shards, augmentation runs batched
+    # on the training device; dali: an NVIDIA DALI pipeline decodes and augments (on the
+    # GPU under CUDA), with ``workers`` CPU threads.
+    loader: Literal["webdataset", "dali"] = "webdataset"
     workers: int = 2
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples each reader shuffles together
     epoch_samples: int = 0  # samples per epoch; 0 = the shards' slice count
+    # Draw shards with replacement up to epoch_samples per epoch instead of a permutation
+    # of them: a fixed epoch length whatever the dataset size (mixtures, huge datasets).
+    resampled: bool = False
 
 
 @dataclass

@@ -29,7 +29,8 @@ from pretrain.checkpoint import (
     shard_folder_name,
 )
 from pretrain.config import PretrainConfig
-from pretrain.data import build_loader, epoch_length
+from pretrain.data import epoch_length
+from pretrain.epoch_loader import STRETCHES_KEY, EpochReading, open_epoch
 from pretrain.export import EXPORT_DIR, export_backbone
 from pretrain.methods import SSLMethod
 from pretrain.model import build_model
@@ -68,8 +69,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     run_dir = Path(config.run.out)
     device = dist.device
-    plan = plan_batches(config, dist.world_size,
-                        epoch_length(config.data.path, config.data.epoch_samples))
+    plan = plan_batches(config, dist.world_size, epoch_length(
+        config.data.path, config.data.epoch_samples, config.data.resampled))
     spe, accum = plan.steps_per_epoch, plan.grad_accum
     total_steps = spe * config.optim.epochs
     warmup_steps = int(config.optim.warmup_epochs * spe)
@@ -91,11 +92,12 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         grad_accum=accum, zero_stage=config.run.zero_stage, precision=config.run.precision,
         channels_last=device.type == "cuda" and config.run.channels_last,
         compile=config.run.compile)
-    start_epoch, step, first_step = 0, 0, 0
+    start_epoch, step, first_step, saved_stretches = 0, 0, 0, []
     if checkpoint is not None:
         _restore_optimizer(backend, checkpoint, config, run_dir)
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
         first_step = _resume_step(checkpoint, plan)
+        saved_stretches = checkpoint.get(STRETCHES_KEY, [])
         restore_rng(checkpoint.get("rng", []), dist.rank, dist.world_size)
     method = backend.method
 
@@ -112,6 +114,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     pending: tuple[torch.Tensor, int] | None = None  # checked one step late: no host sync
     last_log, steps_since_log = time.perf_counter(), 0
     launch_step = step
+
+    reading: EpochReading | None = None
 
     def checkpoint_now(epoch_done: int, steps_done: int) -> None:
         """Save the full state; never one whose last loss was not finite."""
@@ -135,21 +139,18 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 SHARDS_KEY: shards, "epoch": epoch_done, "position": steps_done,
                 "global_batch": plan.global_batch, "grad_accum": accum, "step": step,
                 "rng": rng, "world_size": dist.world_size, "config": to_dict(config),
+                STRETCHES_KEY: reading.stretches_at(steps_done) if reading else [],
             }, keep_as=keep)
         barrier(dist)
 
     for epoch in range(start_epoch, config.optim.epochs):
         backend.train()
-        # One loader per epoch, seeded by the epoch: a resumed run sees the same batches
-        # as an uninterrupted one, skipping those its checkpoint had already consumed.
-        loader = build_loader(
-            config.data.path, per_rank_batch=plan.micro_batch, workers=config.data.workers,
-            shuffle_buffer=config.data.shuffle_buffer, seed=config.run.seed + epoch,
-            rank=dist.rank, pin_memory=device.type == "cuda",
-        )
-        views = _ViewSource(iter(loader), config, dist)
+        # One loader per epoch: a resumed epoch delivers exactly the samples its
+        # checkpoint had not consumed (the same batches, when the batching is unchanged).
         first = first_step if epoch == start_epoch else 0
-        views.skip(first * accum)
+        reading = open_epoch(config, plan, dist, epoch, first,
+                             saved_stretches if epoch == start_epoch else [])
+        views = _ViewSource(reading.batches, config, dist)
         for index in range(first, spe):
             # The schedules run on epoch progress, which survives a change of world size.
             progress = epoch * spe + index
@@ -188,7 +189,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             every = config.run.checkpoint_every
             if every and step % every == 0 and index + 1 < spe:
                 checkpoint_now(epoch, index + 1)
-        del views, loader
+        del views
+        reading = None
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
         checkpoint_now(epoch + 1, 0)
@@ -205,17 +207,14 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
 
 
 class _ViewSource:
-    """Batches of one epoch's loader, augmented into view pairs on the training device."""
+    """Micro batches of one epoch's loader as view pairs on the training device: images are
+    augmented here, batched; DALI's batches arrive augmented already."""
 
-    def __init__(self, batches: Iterator[torch.Tensor], config: PretrainConfig,
-                 dist: DistInfo) -> None:
+    def __init__(self, batches: Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+                 config: PretrainConfig, dist: DistInfo) -> None:
         self.batches, self.config, self.dist = batches, config, dist
         self.wait_s = 0.0  # time spent waiting for the loader since the last log
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def skip(self, count: int) -> None:
-        for _ in range(count):
-            next(self.batches)
 
     def pairs(self, step: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``count`` micro batches of view pairs for optimizer step ``step``, made lazily so
@@ -223,12 +222,17 @@ class _ViewSource:
         augment, device = self.config.augment, self.dist.device
         for micro in range(count):
             wait_start = time.perf_counter()
-            images = next(self.batches).to(device, non_blocking=True)
+            batch = next(self.batches)
             self.wait_s += time.perf_counter() - wait_start
-            generator = torch.Generator(device=device).manual_seed(
-                hash((self.config.run.seed, self.dist.rank, step, micro)) % 2**62)
-            self.last = tuple(augment_view(images, view, self.config.data.crop_size, generator)
-                              for view in (augment.view1, augment.view2))
+            if isinstance(batch, tuple):
+                self.last = tuple(view.to(device, non_blocking=True) for view in batch)
+            else:
+                images = batch.to(device, non_blocking=True)
+                generator = torch.Generator(device=device).manual_seed(
+                    hash((self.config.run.seed, self.dist.rank, step, micro)) % 2**62)
+                self.last = tuple(augment_view(images, view, self.config.data.crop_size,
+                                               generator)
+                                  for view in (augment.view1, augment.view2))
             yield self.last
 
 

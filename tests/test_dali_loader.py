@@ -237,3 +237,21 @@ def test_missing_dali_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(DaliNotInstalledError, match=r"pip install -e '\.\[dali\]'") as error:
         loader(tmp_path)
     assert isinstance(error.value, ImportError)
+
+
+def test_pretraining_runs_on_the_dali_loader(prepared: Path, tmp_path: Path) -> None:
+    """``data.loader=dali`` through the engine: DALI's batches arrive as view pairs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.engine import pretrain
+    from tests.conftest import small_pretrain_config
+
+    config = small_pretrain_config(prepared, tmp_path / "run")
+    config.data.loader, config.optim.epochs = "dali", 1
+    result = pretrain(config)
+    assert result.steps == 3 and math.isfinite(result.final_loss)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    (pairs,) = events.Images("views/pairs")
+    assert (pairs.width, pairs.height) == (CROP * 8, CROP * 2)  # 16 views in a 8x2 grid
