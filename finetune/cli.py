@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of FinetuneConfig keys")
     for flag in ("data", "out", "init", "arch"):
         train.add_argument(f"--{flag}")
-    train.add_argument("--budget", type=int)
+    train.add_argument("--budget", type=int, help="annotated training slices (or patients, "
+                       "with budget_unit=patients); 0 = the whole training split")
     train.add_argument("--seed", type=int)
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -44,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     "seed") if getattr(args, k) is not None}
             overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items())]
             config = load_config(FinetuneConfig, args.config, overrides)
-            metrics = train_run(config)
+            try:
+                metrics = train_run(config)
+            except (FileNotFoundError, ValueError) as exc:  # bad data, budget or init
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             print(json.dumps({"test": metrics["test"], "convergence": metrics["convergence"]},
                              indent=2))
             return 0

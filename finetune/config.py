@@ -5,26 +5,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from finetune.augment import SegAugmentConfig
+from finetune.budgets import BudgetUnit
+
 
 @dataclass
 class FinetuneConfig:
     data: str = ""  # prepared dataset folder
     out: str = ""  # run directory
     arch: str = "resnet50"  # timm encoder name
-    # "random", or a pretrain export / run folder / checkpoint, or a timm-named weights file.
+    # "random"; "timm" (timm's default pretrained weights for arch, e.g. supervised
+    # ImageNet) or "timm:ARCH.TAG", both through the Hugging Face hub cache; or a local
+    # timm-named weights file, pretrain export folder, pretrain run folder or checkpoint
+    # (also one of a hierarchical chain: its export records what it started from).
     init: str = "random"
     init_name: str = ""  # label used in reports; defaults to "random" or the init path
-    budget: int = 0  # annotated training slices; 0 = the whole training split
+    # The first K epochs train the decoder only (encoder weights and BatchNorm statistics
+    # fixed); 0 = never frozen.
+    freeze_encoder_epochs: int = 0
+    # Annotated training slices or patients (all labeled slices of each); 0 = the whole
+    # training split. Subsets are nested across budgets for one seed.
+    budget: int = 0
+    budget_unit: BudgetUnit = "slices"
     seed: int = 0
     epochs: int = 150
     batch_size: int = 16
-    # Samples per epoch; budgets smaller than this are oversampled so that every budget
-    # trains for the same number of steps. 0 = the budget itself.
+    # Oversampling: samples per epoch; budgets smaller than this are tiled up to it so
+    # that every budget trains for the same number of steps (set it to at least the
+    # sweep's largest budget, e.g. the training split size, as the reference study did).
+    # Larger budgets see each slice once per epoch. 0 = no oversampling.
     epoch_samples: int = 0
+    # The reference study used Adam (lr 1e-4); AdamW decouples weight decay from the
+    # gradient (identical to Adam at weight_decay 0).
+    optimizer: Literal["adam", "adamw"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0
-    loss: Literal["dice_ce", "jaccard"] = "dice_ce"
+    loss: Literal["dice_ce", "jaccard"] = "dice_ce"  # MONAI's DiceCELoss / Jaccard DiceLoss
+    # spatial (image and mask together) and intensity (image) augmentation, on the device
+    augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
     dice_targets: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
     device: Literal["auto", "cpu"] = "auto"
     progress: bool = True
@@ -33,13 +52,40 @@ class FinetuneConfig:
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for key, lowest in (("budget", 0), ("epochs", 1), ("batch_size", 1),
+                            ("epoch_samples", 0), ("freeze_encoder_epochs", 0),
+                            ("overlays", 0), ("checkpoint_every", 0)):
+            if getattr(self, key) < lowest:
+                raise ValueError(f"{key} must be >= {lowest}, got {getattr(self, key)}")
+        if self.freeze_encoder_epochs > self.epochs:
+            raise ValueError(f"freeze_encoder_epochs ({self.freeze_encoder_epochs}) exceeds "
+                             f"epochs ({self.epochs})")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, epochs={self.epochs}], "
+                             f"got {self.warmup_epochs}")
+        if any(not 0 < t <= 1 for t in self.dice_targets):
+            raise ValueError(f"dice_targets must lie in (0, 1], got {self.dice_targets}")
+        name = self.timm_weights()
+        if name is not None and name.split(".")[0] != self.arch.split(".")[0]:
+            raise ValueError(f"init {self.init!r} names weights of another architecture "
+                             f"than arch {self.arch!r}")
+
+    def timm_weights(self) -> str | None:
+        """The timm model name ("arch" or "arch.tag") whose pretrained weights ``init``
+        asks for, if it asks for timm's."""
+        return timm_weights_name(self.init, self.arch)
 
     @property
     def label(self) -> str:
         return self.init_name or ("random" if self.init == "random" else self.init)
+
+
+def timm_weights_name(init: str, arch: str) -> str | None:
+    """``"timm"`` -> ``arch``; ``"timm:ARCH.TAG"`` -> ``"ARCH.TAG"``; anything else None."""
+    if init == "timm":
+        return arch
+    return init.removeprefix("timm:") if init.startswith("timm:") else None

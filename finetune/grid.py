@@ -13,8 +13,10 @@ from finetune.config import FinetuneConfig
 from finetune.train import train_run
 
 
-def run_dir_for(runs_dir: Path, init_name: str, budget: int, seed: int) -> Path:
-    return runs_dir / init_name / f"budget{budget:05d}" / f"seed{seed}"
+def run_dir_for(runs_dir: Path, init_name: str, budget: int, seed: int,
+                unit: str = "slices") -> Path:
+    budget_folder = f"budget{budget:05d}" if unit == "slices" else f"{unit}{budget:04d}"
+    return runs_dir / init_name / budget_folder / f"seed{seed}"
 
 
 def run_grid(base: FinetuneConfig, inits: dict[str, str], budgets: list[int], seeds: list[int],
@@ -28,7 +30,8 @@ def run_grid(base: FinetuneConfig, inits: dict[str, str], budgets: list[int], se
                                          disable=not progress):
         config = dataclasses.replace(
             base, init=path, init_name=name, budget=budget, seed=seed,
-            out=str(run_dir_for(runs_dir, name, budget, seed)), progress=progress,
+            out=str(run_dir_for(runs_dir, name, budget, seed, base.budget_unit)),
+            progress=progress,
         )
         results.append(train_run(config))
     return results

@@ -50,6 +50,15 @@ def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+def budget_unit(runs: list[dict[str, Any]]) -> str:
+    """The runs' common budget unit: slices and patients do not share one axis."""
+    units = {r.get("budget_unit", "slices") for r in runs}
+    if len(units) > 1:
+        raise ValueError(f"the runs mix budget units {sorted(units)}; report each unit's "
+                         "runs separately (--runs on separate folders)")
+    return units.pop()
+
+
 def plot_dice_vs_budget(runs: list[dict[str, Any]], path: Path) -> None:
     figure, ax = plt.subplots(figsize=(6, 4))
     by_init: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
@@ -60,7 +69,7 @@ def plot_dice_vs_budget(runs: list[dict[str, Any]], path: Path) -> None:
         budgets, means, stds = map(np.array, zip(*sorted(points)))
         ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=init)
     ax.set_xscale("log")
-    ax.set_xlabel("label budget (annotated training slices)")
+    ax.set_xlabel(f"label budget (annotated training {budget_unit(runs)})")
     ax.set_ylabel("test Dice (mean over foreground classes)")
     ax.set_title("Accuracy against label budget")
     ax.grid(alpha=0.3)
@@ -81,7 +90,7 @@ def plot_val_curves(runs: list[dict[str, Any]], path: Path) -> None:
             ax.plot(epochs, curves.mean(axis=0), marker=".", label=init)
             if len(group) > 1:
                 ax.fill_between(epochs, curves.min(axis=0), curves.max(axis=0), alpha=0.15)
-        ax.set_title(f"budget {budget} slices")
+        ax.set_title(f"budget {budget} {budget_unit(runs)}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation Dice")
         ax.grid(alpha=0.3)
@@ -101,6 +110,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str = "
     """Write ``report.md`` with its two PNG plots into ``out_dir``; return its path."""
     if not runs:
         raise ValueError("no complete fine-tuning runs to report on")
+    unit = budget_unit(runs)  # fails before any file is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_dice_vs_budget(runs, out / "dice_vs_budget.png")
@@ -111,7 +121,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str = "
     lines += [
         f"{len(runs)} fine-tuning runs: initialisations "
         f"{', '.join(sorted({r['init'] for r in runs}))}; label budgets "
-        f"{', '.join(str(b) for b in sorted({r['budget'] for r in runs}))}; seeds "
+        f"{', '.join(str(b) for b in sorted({r['budget'] for r in runs}))} {unit}; seeds "
         f"{', '.join(str(s) for s in sorted({r['seed'] for r in runs}))}.",
         "Test Dice is measured on 3D volumes (slices reassembled per patient and frame) with "
         "the checkpoint of the best validation epoch, averaged over foreground classes; "

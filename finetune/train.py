@@ -19,12 +19,14 @@ from cluster.atomic import atomic_path, atomic_write_json
 from cluster.config import to_dict
 from cluster.run_dir import write_run_info
 from data_prep.manifest import Manifest
-from finetune.budgets import epoch_indices, nested_subset
+from finetune.augment import augment_pair
+from finetune.budgets import budget_subset, epoch_indices, epoch_length
 from finetune.config import FinetuneConfig
 from finetune.convergence import convergence_metrics
-from finetune.data import SliceSet, load_slices, random_flips
-from finetune.metrics import VolumeDice
-from finetune.model import build_unet, initialise_encoder
+from finetune.data import SliceSet, load_slices, slice_patients
+from finetune.metrics import SegmentationMetrics
+from finetune.model import build_optimizer, build_unet, initialise_encoder, set_encoder_frozen
+from finetune.outputs import write_outputs
 from finetune.overlays import save_overlay
 from pretrain.schedules import warmup_cosine
 
@@ -50,21 +52,21 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
     manifest = Manifest.read(config.data)
     torch.manual_seed(config.seed)
 
-    train_available = manifest.labeled_store["slices"]["train"]
-    subset = nested_subset(train_available, config.budget, config.seed)
+    subset = budget_subset(slice_patients(config.data, "train"), config.budget,
+                           config.budget_unit, config.seed)
     train_set = load_slices(config.data, "train", subset)
     val_set = load_slices(config.data, "val")
 
     model = build_unet(config.arch, 1, manifest.num_classes)
-    initialise_encoder(model, config.arch, 1, config.init)
+    init_chain = initialise_encoder(model, config.arch, 1, config.init)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model.parameters(), config.optimizer, config.lr,
+                                config.weight_decay)
     loss_fn = _loss(config.loss)
 
-    samples = max(config.epoch_samples, len(subset))
+    samples = epoch_length(len(subset), config.epoch_samples)
     steps_per_epoch = max(1, samples // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
@@ -77,7 +79,8 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
         optimizer.load_state_dict(resumed["optimizer"])
         history, step, elapsed = resumed["history"], resumed["step"], resumed["elapsed"]
         best_dice = max((h["val_dice"] for h in history), default=-1.0)
-    write_run_info(run_dir, config, {"train_slices": len(subset)})
+    run = {"train_slices": len(subset), "init_chain": init_chain}
+    write_run_info(run_dir, config, run)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     bar = tqdm(range(len(history), config.epochs), desc=f"finetune {config.label} "
                f"b={config.budget} s={config.seed}", unit="epoch", leave=False,
@@ -85,15 +88,21 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
     for epoch in bar:
         start = time.perf_counter()
         rng = np.random.default_rng([config.seed, epoch])
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        generator = torch.Generator(device=device).manual_seed(
+            config.seed * 100_003 + epoch)
         order = epoch_indices(np.arange(len(train_set)), samples, rng)
         model.train()
+        frozen = epoch < config.freeze_encoder_epochs
+        set_encoder_frozen(model, frozen)  # after train(), which resets BatchNorm modes
         losses = []
         for batch_start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
             batch = order[batch_start:batch_start + config.batch_size]
-            images, masks = random_flips(train_set.images[batch], train_set.masks[batch],
-                                         generator)
-            images, masks = _to_device(images, masks, device)
+            images, masks = _to_device(train_set.images[batch], train_set.masks[batch],
+                                       device)
+            # image and mask move together, on the training device, per-sample parameters
+            images, masks = augment_pair(images, masks, config.augment, generator)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
             lr = warmup_cosine(step, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -105,12 +114,18 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
             optimizer.step()
             losses.append(loss.item())
             step += 1
-        dice = evaluate(model, val_set, manifest.num_classes, device, config.batch_size)
+        val = evaluate(model, val_set, manifest.class_names, device,
+                       config.batch_size).summary(hd95=False)
         elapsed += time.perf_counter() - start
         record = {
             "epoch": epoch + 1, "step": step, "seconds": round(elapsed, 3),
-            "train_loss": float(np.mean(losses)), "val_dice": dice.mean(),
-            "val_dice_per_class": _per_class(dice, manifest.class_names),
+            "train_loss": float(np.mean(losses)), "lr": lr, "encoder_frozen": frozen,
+            # the volume Dice selects the best epoch; a NaN (no foreground at all in the
+            # validation split) counts as 0 so that selection stays defined
+            "val_dice": val["volume_dice"]["mean"] or 0.0,
+            "val_iou": val["volume_iou"]["mean"],
+            "val_dice_per_class": val["volume_dice"]["per_class"],
+            "val_slice_dice": val["slice_dice"]["mean"],
         }
         history.append(record)
         _log_epoch(writer, record)
@@ -120,18 +135,25 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
             _save_weights(model, run_dir / BEST_WEIGHTS)
         if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0:
             _save_last(run_dir, model, optimizer, history, step, elapsed)
-        atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, len(subset), None))
-    writer.close()
+        atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, run, None))
 
     model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
     test_set = load_slices(config.data, "test")
-    test_dice = evaluate(model, test_set, manifest.num_classes, device, config.batch_size)
-    test = {"dice": test_dice.mean(), "dice_per_class": _per_class(test_dice,
-                                                                  manifest.class_names)}
+    summary = evaluate(model, test_set, manifest.class_names, device,
+                       config.batch_size).summary()
+    test = {"dice": summary["volume_dice"]["mean"], "iou": summary["volume_iou"]["mean"],
+            "hd95_mm": summary["volume_hd95_mm"]["mean"],
+            "dice_per_class": summary["volume_dice"]["per_class"], "summary": summary}
+    for name, value in (("dice", test["dice"]), ("iou", test["iou"]),
+                        ("hd95_mm", test["hd95_mm"])):
+        if value is not None:
+            writer.add_scalar(f"test/{name}", value, len(history))
+    writer.close()
     _write_overlays(model, val_set, manifest.class_names, run_dir / "overlays", device,
                     config.overlays)
-    metrics = _metrics(config, history, len(subset), test)
-    atomic_write_json(run_dir / METRICS_FILE, metrics)
+    metrics = _metrics(config, history, run, test)
+    write_outputs(run_dir, metrics)
+    atomic_write_json(run_dir / METRICS_FILE, metrics)  # last: it marks the run complete
     (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)
     return metrics
 
@@ -150,12 +172,13 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device,
     return torch.cat(outputs)
 
 
-def evaluate(model: nn.Module, slices: SliceSet, num_classes: int, device: torch.device,
-             batch_size: int) -> VolumeDice:
-    dice = VolumeDice(num_classes)
+def evaluate(model: nn.Module, slices: SliceSet, class_names: list[str],
+             device: torch.device, batch_size: int) -> SegmentationMetrics:
+    metrics = SegmentationMetrics(len(class_names), class_names)
     prediction = predict(model, slices.images, device, batch_size)
-    dice.update(prediction.numpy(), slices.masks.numpy(), slices.volumes)
-    return dice
+    metrics.update(prediction.numpy(), slices.masks.numpy(), slices.volumes, slices.positions,
+                   slices.spacing)
+    return metrics
 
 
 def _loss(name: str) -> nn.Module:
@@ -172,22 +195,16 @@ def _autocast(device: torch.device):
 
 def _to_device(images: torch.Tensor, masks: torch.Tensor,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, masks.to(device, non_blocking=True)
+    return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
 
 
-def _per_class(dice: VolumeDice, class_names: list[str]) -> dict[str, float]:
-    return {name: float(v) for name, v in zip(class_names[1:], dice.per_class())}
-
-
-def _metrics(config: FinetuneConfig, history: list[dict[str, Any]], train_slices: int,
+def _metrics(config: FinetuneConfig, history: list[dict[str, Any]], run: dict[str, Any],
              test: dict[str, Any] | None) -> dict[str, Any]:
     curve = [h["val_dice"] for h in history]
     return {
         "init": config.label, "arch": config.arch, "budget": config.budget,
-        "train_slices": train_slices, "seed": config.seed, "epochs": history,
+        "budget_unit": config.budget_unit, "train_slices": run["train_slices"],
+        "init_chain": run["init_chain"], "seed": config.seed, "epochs": history,
         "convergence": convergence_metrics(curve, [h["step"] for h in history],
                                            [h["seconds"] for h in history],
                                            config.dice_targets),
@@ -234,9 +251,15 @@ def _load_last(run_dir: Path) -> dict[str, Any] | None:
 def _log_epoch(writer: SummaryWriter, record: dict[str, Any]) -> None:
     epoch = record["epoch"]
     writer.add_scalar("train/loss", record["train_loss"], epoch)
+    writer.add_scalar("train/lr", record["lr"], epoch)
+    writer.add_scalar("train/encoder_frozen", float(record["encoder_frozen"]), epoch)
     writer.add_scalar("val/dice", record["val_dice"], epoch)
+    for key in ("val_iou", "val_slice_dice"):
+        if record[key] is not None:
+            writer.add_scalar(key.replace("val_", "val/"), record[key], epoch)
     for name, value in record["val_dice_per_class"].items():
-        writer.add_scalar(f"val/dice_{name}", value, epoch)
+        if value is not None:
+            writer.add_scalar(f"val/dice_{name}", value, epoch)
 
 
 def _write_overlays(model: nn.Module, slices: SliceSet, class_names: list[str], folder: Path,

@@ -6,9 +6,13 @@ no downloads; the sizes are chosen to keep the whole suite within minutes on 2 c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
 import pytest
+import safetensors.torch
+import timm
 import torch
 
 from data_prep.phantom import PhantomConfig, write_acdc_tree
@@ -63,3 +67,33 @@ def pretrain_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("pretrain") / "run"
     pretrain(small_pretrain_config(prepared, out))
     return out
+
+
+HubCache = Callable[[str], dict[str, torch.Tensor]]
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
+    """An offline Hugging Face cache in ``tmp_path``; ``hub_cache(name)`` stores a random
+    3-channel timm state dict where a download of ``name``'s pretrained tag would land."""
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(hub.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these variables once, when imported: mirror them.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def store(name: str) -> dict[str, torch.Tensor]:
+        repo_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+        repo = hub / f"models--{repo_id.replace('/', '--')}"
+        revision = "0123456789abcdef0123456789abcdef01234567"
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        state = {k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}
+        safetensors.torch.save_file(state, str(repo / "snapshots" / revision /
+                                               "model.safetensors"))
+        return state
+
+    return store

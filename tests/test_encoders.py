@@ -4,13 +4,10 @@ weights that do not fit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import safetensors.torch
-import timm
 import torch
 
 from cluster.config import ConfigError, load_config
@@ -24,42 +21,12 @@ from pretrain.weights import (
     create_encoder,
     read_encoder_weights,
 )
-from tests.conftest import small_pretrain_config
+from tests.conftest import HubCache, small_pretrain_config
 
 # A small timm ViT with a fixed input size (no dynamic_img_size): built at any other size
 # than the crop size it fails on the crops. Its pretrained tag is test_vit3.r160_in1k.
 VIT = "test_vit3"
 CROP = 32  # small_pretrain_config's crop size: a 2 x 2 patch grid
-
-HubCache = Callable[[str], dict[str, torch.Tensor]]
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
-    """An offline Hugging Face cache in ``tmp_path``; ``hub_cache(name)`` stores a random
-    3-channel timm state dict where a download of ``name``'s pretrained tag would land."""
-    hub = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(hub.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads these variables once, when imported: mirror them.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def store(name: str) -> dict[str, torch.Tensor]:
-        repo_id = timm.models.get_pretrained_cfg(name).hf_hub_id
-        repo = hub / f"models--{repo_id.replace('/', '--')}"
-        revision = "0123456789abcdef0123456789abcdef01234567"
-        (repo / "snapshots" / revision).mkdir(parents=True)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(revision)
-        state = {k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}
-        safetensors.torch.save_file(state, str(repo / "snapshots" / revision /
-                                               "model.safetensors"))
-        return state
-
-    return store
-
 
 def test_vits_get_the_crop_size_and_convnets_do_not() -> None:
     vit = create_encoder(VIT, 1, CROP)

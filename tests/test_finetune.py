@@ -1,130 +1,143 @@
-"""Fine-tuning: label budgets, metrics against MONAI, encoder initialisation, a real run."""
+"""Fine-tuning runs end to end on the phantom: curves, outputs, CLI, determinism, resume."""
 
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import safetensors.torch
-import torch
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from finetune.budgets import epoch_indices, nested_subset
+import finetune.train as train_module
 from finetune.config import FinetuneConfig
-from finetune.convergence import convergence_metrics
-from finetune.metrics import VolumeDice
-from finetune.model import build_unet, initialise_encoder
-from finetune.train import train_run
-from pretrain.weights import EncoderMismatchError
+from finetune.outputs import EPOCHS_FILE, ROW_FILE
+from finetune.train import LAST_CHECKPOINT, train_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_budgets_are_nested_per_seed_and_bounded() -> None:
-    previous = np.array([], dtype=int)
-    for budget in (1, 3, 7, 15, 30, 75):
-        subset = nested_subset(100, budget, seed=4)
-        assert len(subset) == len(set(subset.tolist())) == budget
-        assert set(previous.tolist()) <= set(subset.tolist())
-        previous = subset
-    assert not np.array_equal(nested_subset(100, 15, seed=4), nested_subset(100, 15, seed=5))
-    assert np.array_equal(nested_subset(100, 0, seed=1), np.arange(100))
-    with pytest.raises(ValueError, match="exceeds the 100 annotated slices"):
-        nested_subset(100, 101, seed=0)
-    order = epoch_indices(np.array([3, 9]), 7, np.random.default_rng(0))
-    assert len(order) == 7 and set(order.tolist()) == {3, 9}
+def small_config(prepared: Path, out: Path, **overrides: object) -> FinetuneConfig:
+    values = dict(data=str(prepared), out=str(out), arch="resnet18", budget=0, seed=0,
+                  epochs=6, batch_size=8, lr=3e-3, warmup_epochs=0.5, device="cpu",
+                  progress=False, overlays=1)
+    return FinetuneConfig(**{**values, **overrides})
 
 
-def _monai_volume_dice(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    p = one_hot(torch.from_numpy(pred)[None, None], num_classes, dim=1)
-    t = one_hot(torch.from_numpy(true)[None, None], num_classes, dim=1)
-    return metric(p, t)[0].numpy()
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_volume_dice_equals_monai(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    num_classes, volumes = 4, {}
-    dice = VolumeDice(num_classes)
-    for v in range(3):
-        true = rng.integers(0, num_classes, size=(5, 12, 12))
-        pred = np.where(rng.random(true.shape) < 0.7, true, rng.integers(0, 4, true.shape))
-        if v == 1:
-            true[true == 2] = 0  # an empty class: NaN in MONAI, left out of the mean
-        volumes[f"vol{v}"] = (pred, true)
-        for z in range(5):  # fed slice by slice, in mixed order across volumes
-            dice.update(pred[z:z + 1], true[z:z + 1], [f"vol{v}"])
-    ours = dice.per_volume()
-    for name, (pred, true) in volumes.items():
-        expected = _monai_volume_dice(pred.transpose(1, 2, 0), true.transpose(1, 2, 0), 4)
-        np.testing.assert_allclose(ours[name], expected, rtol=1e-6, equal_nan=True)
-    assert np.isnan(ours["vol1"][1])
-    expected_class_means = np.nanmean(np.stack(list(ours.values())), axis=0)
-    np.testing.assert_allclose(dice.per_class(), expected_class_means)
-
-
-def test_convergence_metrics_on_a_known_curve() -> None:
-    curve = [0.1, 0.5, 0.78, 0.8, 0.79, 0.8]
-    result = convergence_metrics(curve, steps=[10, 20, 30, 40, 50, 60],
-                                 seconds=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], targets=[0.5, 0.9])
-    assert result["best_dice"] == 0.8 and result["best_epoch"] == 4
-    assert result["epochs_to_95pct"] == 3  # 0.78 >= 0.76
-    assert result["steps_to_95pct"] == 30 and result["seconds_to_95pct"] == 3.0
-    assert result["epochs_to_99pct"] == 4  # 0.79 < 0.792 until epoch 4
-    assert result["epochs_to_dice"] == {"0.5": 2, "0.9": None}
-    assert result["normalised_auc"] == pytest.approx(sum(curve) / 6)
-
-
-def test_unet_encoder_gets_the_exported_weights(pretrain_run: Path) -> None:
-    unet = build_unet("resnet18", 1, 4)
-    initialise_encoder(unet, "resnet18", 1, str(pretrain_run / "export"))
-    exported = safetensors.torch.load_file(str(pretrain_run / "export" / "backbone.safetensors"))
-    loaded = unet.encoder.model.state_dict()
-    assert set(loaded) == set(exported)
-    for key, value in exported.items():
-        assert torch.equal(loaded[key], value), key
-
-
-def test_incompatible_encoders_fail_clearly(pretrain_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(EncoderMismatchError, match="weights are for 'resnet18'"):
-        initialise_encoder(build_unet("resnet34", 1, 4), "resnet34", 1,
-                           str(pretrain_run / "export"))
-    state = safetensors.torch.load_file(str(pretrain_run / "export" / "backbone.safetensors"))
-    del state["layer4.1.bn2.weight"]
-    partial = tmp_path / "partial.safetensors"
-    safetensors.torch.save_file(state, str(partial))
-    with pytest.raises(EncoderMismatchError, match=r"missing keys: layer4\.1\.bn2\.weight"):
-        initialise_encoder(build_unet("resnet18", 1, 4), "resnet18", 1, str(partial))
-    # An ImageNet-style 3-channel file with a classifier adapts to 1 channel.
-    rgb = {k: v for k, v in state.items()}
-    rgb["layer4.1.bn2.weight"] = torch.ones(512)
-    rgb["conv1.weight"] = torch.randn(64, 3, 7, 7)
-    rgb["fc.weight"], rgb["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
-    torch.save({"state_dict": rgb}, tmp_path / "imagenet.pth")
-    unet = build_unet("resnet18", 1, 4)
-    initialise_encoder(unet, "resnet18", 1, str(tmp_path / "imagenet.pth"))
-    torch.testing.assert_close(unet.encoder.model.conv1.weight,
-                               rgb["conv1.weight"].sum(dim=1, keepdim=True))
+def first_epoch_reaching(curve: list[float], threshold: float) -> int | None:
+    return next((epoch for epoch, dice in enumerate(curve, 1) if dice >= threshold), None)
 
 
 @pytest.mark.parametrize("init", ["random", "ssl"])
-def test_short_finetune_beats_all_background(prepared: Path, pretrain_run: Path, tmp_path: Path,
-                                             init: str) -> None:
-    config = FinetuneConfig(
-        data=str(prepared), out=str(tmp_path / init), arch="resnet18",
-        init="random" if init == "random" else str(pretrain_run / "export"),
-        budget=0, seed=0, epochs=6, batch_size=8, lr=3e-3, warmup_epochs=0.5,
-        device="cpu", progress=False, overlays=1,
-    )
+def test_short_finetune_produces_complete_curves_and_outputs(
+        prepared: Path, pretrain_run: Path, tmp_path: Path, init: str) -> None:
+    out = tmp_path / init
+    config = small_config(prepared, out,
+                          init="random" if init == "random" else str(pretrain_run / "export"))
     metrics = train_run(config)
-    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 7))
     assert metrics["complete"]
+    epochs = metrics["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(1, 7))
+    for record in epochs:  # every epoch is complete: loss, lr, validation scores per class
+        assert record["train_loss"] > 0 and record["lr"] > 0 and record["val_iou"] is not None
+        assert set(record["val_dice_per_class"]) == {"RV", "MYO", "LV"}
     # An all-background prediction scores 0 Dice on every foreground class.
     assert metrics["test"]["dice"] > 0.3, metrics["test"]
-    assert metrics["convergence"]["best_dice"] > 0.3
-    saved = json.loads((tmp_path / init / "metrics.json").read_text())
+    assert metrics["test"]["hd95_mm"] is not None and metrics["test"]["hd95_mm"] > 0
+
+    # The convergence metrics are those of the run's own curve, computed by hand here.
+    curve = [e["val_dice"] for e in epochs]
+    best = max(curve)
+    convergence = metrics["convergence"]
+    assert convergence["best_dice"] == best
+    assert convergence["best_epoch"] == curve.index(best) + 1
+    for tag, fraction in (("95", 0.95), ("99", 0.99)):
+        epoch = first_epoch_reaching(curve, fraction * best)
+        assert convergence[f"epochs_to_{tag}pct"] == epoch
+        assert convergence[f"steps_to_{tag}pct"] == epochs[epoch - 1]["step"]
+        assert convergence[f"seconds_to_{tag}pct"] == epochs[epoch - 1]["seconds"]
+    assert convergence["epochs_to_dice"] == {
+        f"{t:g}": first_epoch_reaching(curve, t) for t in config.dice_targets}
+    assert convergence["normalised_auc"] == pytest.approx(sum(curve) / len(curve))
+
+    saved = json.loads((out / "metrics.json").read_text())
     assert saved["test"] == metrics["test"]
-    assert len(list((tmp_path / init / "overlays").glob("*.png"))) == 1
+    row = json.loads((out / ROW_FILE).read_text())
+    assert (row["init"], row["budget"], row["seed"], row["epochs"]) == \
+        (config.label, 0, 0, 6)
+    assert row["test_dice"] == metrics["test"]["dice"]
+    assert row["epochs_to_95pct"] == convergence["epochs_to_95pct"]
+    with (out / EPOCHS_FILE).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["val_dice"]) for r in rows] == pytest.approx(curve)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/dice")] == list(range(1, 7))
+    assert [e.value for e in events.Scalars("val/dice")] == pytest.approx(curve)
+    assert len(events.Scalars("test/dice")) == 1
+    assert len(list((out / "overlays").glob("*.png"))) == 1
+    assert (out / "config.yaml").read_text().startswith("data:")
+    chain = json.loads((out / "run_info.json").read_text())["init_chain"]
+    assert chain[0]["kind"] == ("random" if init == "random" else "export")
+    assert not (out / LAST_CHECKPOINT).exists()
     assert train_run(config) == saved  # a finished run is not repeated
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+        prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU a run is deterministic for its seed: one killed in epoch 3 and resumed
+    ends exactly where an uninterrupted one does."""
+    def fine_tune(out: Path) -> dict:
+        return train_run(small_config(prepared, out, epochs=3, budget=2,
+                                      budget_unit="patients", freeze_encoder_epochs=1,
+                                      optimizer="adam", loss="jaccard"))
+
+    reference = fine_tune(tmp_path / "reference")
+    assert [e["encoder_frozen"] for e in reference["epochs"]] == [True, False, False]
+
+    real_evaluate, calls, fail_at = train_module.evaluate, [], [3]
+
+    def failing_evaluate(*args: object, **kwargs: object):
+        calls.append(1)
+        if len(calls) == fail_at[0]:
+            raise KeyboardInterrupt  # the run dies in epoch 3, after its epoch-2 checkpoint
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", failing_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(tmp_path / "resumed")
+    partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert len(partial["epochs"]) == 2 and not partial["complete"]
+    calls.clear()
+    fail_at[0] = 0  # never again
+    resumed = fine_tune(tmp_path / "resumed")
+    assert len(calls) == 2  # resumed in epoch 3: its validation, then the test split
+
+    def curve(metrics: dict) -> list[tuple]:
+        return [(e["train_loss"], e["val_dice"], e["step"]) for e in metrics["epochs"]]
+
+    assert curve(resumed) == curve(reference)
+    assert resumed["test"]["dice"] == reference["test"]["dice"]
+    assert resumed["train_slices"] == reference["train_slices"]
+
+
+def test_cli_trains_one_budget(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "train", "--data", str(prepared), "--out", str(out),
+         "--arch", "resnet18", "--init", "random", "--budget", "3", "--seed", "1",
+         "epochs=2", "batch_size=4", "device=cpu", "progress=false", "overlays=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["test"]["dice"] is not None
+    row = json.loads((out / ROW_FILE).read_text())
+    assert (row["budget"], row["train_slices"], row["seed"], row["epochs"]) == (3, 3, 1, 2)
+
+    too_many = subprocess.run(
+        [sys.executable, "-m", "finetune", "train", "--data", str(prepared), "--out",
+         str(tmp_path / "bad"), "--budget", "100000", "device=cpu", "progress=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert too_many.returncode != 0
+    assert "exceeds the 'train' split" in too_many.stderr
