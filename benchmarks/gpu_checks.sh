@@ -11,7 +11,10 @@
 #   5. (not in the default SECTIONS; about 2 minutes) loader-only throughput: the shard
 #      loader + GPU augmentation (and DALI where installed) against a PIL + torchvision
 #      DataLoader baseline, 4 and 8 workers, batch 256, 224 px, next to the views/s a
-#      compiled ResNet-50 BYOL step consumes (target >= 1.3x).
+#      compiled ResNet-50 BYOL step consumes (target >= 1.3x);
+#   6. (not in the default SECTIONS; about 1 minute) a U-Net fine-tune on CUDA (bf16
+#      autocast, channels_last, joint augmentation on the GPU): 3 epochs, images/s and the
+#      validation curve. Needs monai and segmentation-models-pytorch in WHEELS.
 # The GPU image lacks webdataset, zarr, nibabel and DeepSpeed: pass a folder of their wheels as
 # WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
 # carry there, so its GPU pipeline is not measured here.
@@ -125,5 +128,20 @@ echo "== 5. loader-only throughput vs PIL + torchvision, and vs ResNet-50 consum
 timeout 300 python3 benchmarks/loader_throughput.py --work "$WORK" --data "$WORK/prepared_256" \
     --batch 256 --crop 224 --workers 4 8 --warmup 3 --timed ${LOADER_BATCHES:-20} \
     --consumption-arch resnet50 --compile
+}
+[[ " $SECTIONS " == *" 6 "* ]] && {
+echo "== 6. fine-tuning on CUDA: U-Net on resnet50, bf16, channels_last, 3 epochs"
+start=$SECONDS
+timeout 240 python3 -m finetune train --data "$WORK/prepared_256" --out "$WORK/finetune" \
+    --arch resnet50 --init random --budget 0 --seed 0 epochs=3 batch_size=64 \
+    warmup_epochs=0.5 lr=1e-3 progress=false overlays=2 >/dev/null
+python3 - "$WORK/finetune" "$((SECONDS - start))" <<'PY'
+import json, sys
+metrics = json.loads(open(f"{sys.argv[1]}/metrics.json").read())
+for e in metrics["epochs"]:
+    print(f"epoch {e['epoch']}: loss {e['train_loss']:.3f} val Dice {e['val_dice']:.3f} "
+          f"{e['train_images_per_s']:.0f} images/s")
+print(f"test {metrics['test']['dice']}, {sys.argv[2]} s with start-up")
+PY
 }
 exit 0

@@ -40,8 +40,6 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 
 HD95_PERCENTILE = 95
-SLICE_METRICS = ("slice_dice", "slice_iou")
-VOLUME_METRICS = ("volume_dice", "volume_iou", "volume_hd95_mm")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from cluster.atomic import atomic_write_json, atomic_write_text
 ROW_FILE = "row.json"
 EPOCHS_FILE = "epochs.csv"
 _EPOCH_COLUMNS = ("epoch", "step", "seconds", "lr", "encoder_frozen", "train_loss",
-                  "val_dice", "val_iou", "val_slice_dice")
+                  "train_images_per_s", "val_dice", "val_iou", "val_slice_dice")
 
 
 def result_row(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -114,12 +114,14 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
             optimizer.step()
             losses.append(loss.item())
             step += 1
+        train_seconds = time.perf_counter() - start
         val = evaluate(model, val_set, manifest.class_names, device,
                        config.batch_size).summary(hd95=False)
         elapsed += time.perf_counter() - start
         record = {
             "epoch": epoch + 1, "step": step, "seconds": round(elapsed, 3),
             "train_loss": float(np.mean(losses)), "lr": lr, "encoder_frozen": frozen,
+            "train_images_per_s": round(steps_per_epoch * config.batch_size / train_seconds, 2),
             # the volume Dice selects the best epoch; a NaN (no foreground at all in the
             # validation split) counts as 0 so that selection stays defined
             "val_dice": val["volume_dice"]["mean"] or 0.0,
@@ -253,6 +255,7 @@ def _log_epoch(writer: SummaryWriter, record: dict[str, Any]) -> None:
     writer.add_scalar("train/loss", record["train_loss"], epoch)
     writer.add_scalar("train/lr", record["lr"], epoch)
     writer.add_scalar("train/encoder_frozen", float(record["encoder_frozen"]), epoch)
+    writer.add_scalar("perf/images_per_s", record["train_images_per_s"], epoch)
     writer.add_scalar("val/dice", record["val_dice"], epoch)
     for key in ("val_iou", "val_slice_dice"):
         if record[key] is not None:

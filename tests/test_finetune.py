@@ -42,6 +42,7 @@ def test_short_finetune_produces_complete_curves_and_outputs(
     assert [e["epoch"] for e in epochs] == list(range(1, 7))
     for record in epochs:  # every epoch is complete: loss, lr, validation scores per class
         assert record["train_loss"] > 0 and record["lr"] > 0 and record["val_iou"] is not None
+        assert record["train_images_per_s"] > 0
         assert set(record["val_dice_per_class"]) == {"RV", "MYO", "LV"}
     # An all-background prediction scores 0 Dice on every foreground class.
     assert metrics["test"]["dice"] > 0.3, metrics["test"]
@@ -77,6 +78,7 @@ def test_short_finetune_produces_complete_curves_and_outputs(
     assert [e.step for e in events.Scalars("val/dice")] == list(range(1, 7))
     assert [e.value for e in events.Scalars("val/dice")] == pytest.approx(curve)
     assert len(events.Scalars("test/dice")) == 1
+    assert len(events.Scalars("perf/images_per_s")) == 6
     assert len(list((out / "overlays").glob("*.png"))) == 1
     assert (out / "config.yaml").read_text().startswith("data:")
     chain = json.loads((out / "run_info.json").read_text())["init_chain"]
