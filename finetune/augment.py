@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pretrain.augment import _uniform
+from pretrain.augment import adjust_contrast, adjust_gamma, uniform
 
 # Divisor floor for an image's intensity range: a constant image stays constant, not NaN.
-MIN_SPREAD = 1e-6
 
 
 @dataclass
@@ -125,9 +124,9 @@ def _draw(prob: float, low: float, high: float, neutral: float, batch: int,
     draw_on = generator.device
     fired = torch.rand(batch, generator=generator, device=draw_on) < prob
     if log:
-        value = torch.exp(_uniform(math.log(low), math.log(high), batch, generator, draw_on))
+        value = torch.exp(uniform(math.log(low), math.log(high), batch, generator, draw_on))
     else:
-        value = _uniform(low, high, batch, generator, draw_on)
+        value = uniform(low, high, batch, generator, draw_on)
     value = torch.where(fired, value, neutral)
     return fired.to(device), value.to(device)
 
@@ -218,7 +217,7 @@ def _affine_params(config: SegAugmentConfig, batch: int, generator: torch.Genera
                     generator, device)
     shift_y = None
     if shift_x is not None:  # one chance moves the sample, each axis by its own amount
-        other = _uniform(-config.translate, config.translate, batch, generator,
+        other = uniform(-config.translate, config.translate, batch, generator,
                          generator.device).to(device)
         shift_y = (shift_x[0], torch.where(shift_x[0], other, 0.0))
     draws = (angle, scale, shift_x, shift_y)
@@ -263,22 +262,3 @@ def random_intensity(images: torch.Tensor, config: SegAugmentConfig,
 def _where(fired: torch.Tensor, changed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Per sample: ``changed`` where the operation fired, ``kept`` bit for bit elsewhere."""
     return torch.where(fired.view(-1, 1, 1, 1), changed, kept)
-
-
-def adjust_gamma(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Gamma (B,) on each image's own [min, max] rescaled to [0, 1], then scaled back.
-
-    The same formula as ``pretrain.augment`` (inline there, so not importable): gamma needs
-    a [0, 1] input, and rescaling by each image's own range keeps its span and leaves a
-    constant image constant.
-    """
-    lowest = images.amin(dim=(1, 2, 3), keepdim=True)
-    spread = images.amax(dim=(1, 2, 3), keepdim=True) - lowest
-    unit = ((images - lowest) / spread.clamp(min=MIN_SPREAD)).clamp(0.0, 1.0)
-    return lowest + spread * unit.pow(gamma.to(images.dtype).view(-1, 1, 1, 1))
-
-
-def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Scale each image's deviations from its own mean by ``factor`` (B,)."""
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return mean + (images - mean) * factor.to(images.dtype).view(-1, 1, 1, 1)

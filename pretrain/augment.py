@@ -21,9 +21,31 @@ from pretrain.config import ViewConfig
 NO_BLUR_SIGMA = 1e-3  # a kernel whose side weights underflow to 0: the identity (as in DALI)
 
 
-def _uniform(low: float, high: float, n: int, generator: torch.Generator,
-             device: torch.device) -> torch.Tensor:
+MIN_SPREAD = 1e-6  # intensity range below which an image counts as constant (gamma)
+
+
+def uniform(low: float, high: float, n: int, generator: torch.Generator,
+            device: torch.device) -> torch.Tensor:
+    """``n`` per-sample values uniform in [low, high)."""
     return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
+def adjust_gamma(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Gamma (B,) on each image's own [min, max] rescaled to [0, 1], then scaled back.
+
+    Gamma needs a [0, 1] input; rescaling by each image's own range keeps its span and
+    leaves a constant image constant.
+    """
+    lowest = images.amin(dim=(1, 2, 3), keepdim=True)
+    spread = images.amax(dim=(1, 2, 3), keepdim=True) - lowest
+    unit = ((images - lowest) / spread.clamp(min=MIN_SPREAD)).clamp(0.0, 1.0)
+    return lowest + spread * unit.pow(gamma.to(images.dtype).view(-1, 1, 1, 1))
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale each image's deviations from its own mean by ``factor`` (B,)."""
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return mean + (images - mean) * factor.to(images.dtype).view(-1, 1, 1, 1)
 
 
 def crop_theta(width: torch.Tensor, height: torch.Tensor, angle: torch.Tensor,
@@ -55,20 +77,20 @@ def crop_flip_theta(batch: int, view: ViewConfig, generator: torch.Generator,
     """Random :func:`crop_theta` matrices of ``view``: area and log aspect ratio uniform in
     ``view.scale``/``view.ratio`` (sides clipped to the image), flips with probability
     ``view.hflip``/``view.vflip``, angle uniform in +-``view.rotation`` degrees."""
-    area = _uniform(view.scale[0], view.scale[1], batch, generator, device)
-    log_ratio = _uniform(math.log(view.ratio[0]), math.log(view.ratio[1]), batch, generator,
+    area = uniform(view.scale[0], view.scale[1], batch, generator, device)
+    log_ratio = uniform(math.log(view.ratio[0]), math.log(view.ratio[1]), batch, generator,
                          device)
     ratio = torch.exp(log_ratio)
     width = torch.sqrt(area * ratio).clamp(max=1.0)
     height = torch.sqrt(area / ratio).clamp(max=1.0)
-    shift_x = _uniform(-1.0, 1.0, batch, generator, device)
-    shift_y = _uniform(-1.0, 1.0, batch, generator, device)
+    shift_x = uniform(-1.0, 1.0, batch, generator, device)
+    shift_y = uniform(-1.0, 1.0, batch, generator, device)
     flip_x = torch.where(torch.rand(batch, generator=generator, device=device) < view.hflip,
                          -1.0, 1.0)
     flip_y = torch.where(torch.rand(batch, generator=generator, device=device) < view.vflip,
                          -1.0, 1.0)
     if view.rotation > 0:  # drawn last: views without rotation keep their random stream
-        angle = _uniform(-view.rotation, view.rotation, batch, generator, device)
+        angle = uniform(-view.rotation, view.rotation, batch, generator, device)
         angle = angle * (math.pi / 180.0)
     else:
         angle = torch.zeros(batch, device=device)
@@ -113,27 +135,21 @@ def augment_view(images: torch.Tensor, view: ViewConfig, size: int,
     shape = (batch, 1, 1, 1)
     if view.blur_prob > 0:
         blurred = torch.rand(batch, generator=generator, device=device) < view.blur_prob
-        sigma = _uniform(*view.blur_sigma, batch, generator, device)
+        sigma = uniform(*view.blur_sigma, batch, generator, device)
         sigma = torch.where(blurred, sigma, NO_BLUR_SIGMA)
         out = gaussian_blur(out, sigma, math.ceil(3 * view.blur_sigma[1]))
     low, high = view.gamma
     if (low, high) != (1.0, 1.0):
-        # Gamma acts on [0, 1]: rescale by each image's own range and back, so intensities
-        # keep their span and a constant image stays constant.
-        lowest = out.amin(dim=(1, 2, 3), keepdim=True)
-        spread = out.amax(dim=(1, 2, 3), keepdim=True) - lowest
-        gamma = torch.exp(_uniform(math.log(low), math.log(high), batch, generator, device))
-        unit = (out - lowest) / spread.clamp(min=1e-6)
-        out = lowest + spread * unit.pow(gamma.view(shape))
+        out = adjust_gamma(out, torch.exp(uniform(math.log(low), math.log(high), batch,
+                                                  generator, device)))
     if view.contrast > 0:
-        factor = _uniform(1 - view.contrast, 1 + view.contrast, batch, generator, device)
-        mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        out = mean + (out - mean) * factor.view(shape)
+        out = adjust_contrast(out, uniform(1 - view.contrast, 1 + view.contrast, batch,
+                                           generator, device))
     if view.brightness > 0:
-        shift = _uniform(-view.brightness, view.brightness, batch, generator, device)
+        shift = uniform(-view.brightness, view.brightness, batch, generator, device)
         out = out + shift.view(shape)
     if view.noise_std > 0:
-        sigma = _uniform(0.0, view.noise_std, batch, generator, device)
+        sigma = uniform(0.0, view.noise_std, batch, generator, device)
         noise = torch.randn(out.shape, generator=generator, device=device)
         out = out + noise * sigma.view(shape)
     return out
