@@ -56,9 +56,18 @@ def backbone_meta(config: PretrainConfig, encoder: nn.Module, *, epochs: int,
     if takes_img_size(config.model.arch):
         meta["img_size"] = config.data.crop_size  # the model was built for it
     meta.update(num_features=encoder.num_features, method=config.method.name, epochs=epochs,
-                planned_epochs=config.optim.epochs, steps=steps, init=config.model.init,
-                data=_data_meta(config.data.path))
+                planned_epochs=config.optim.epochs, steps=steps,
+                init=_recorded_init(config.model.init), data=_data_meta(config.data.path))
     return meta
+
+
+def _recorded_init(init: str) -> str:
+    """``model.init`` as the export records it: a local path made absolute, so the chain of
+    initialisations behind the export still resolves from another working directory."""
+    if init == "random" or init == "timm" or init.startswith("timm:"):
+        return init
+    path = Path(init)
+    return str(path.resolve()) if path.exists() else init
 
 
 def _data_meta(path: str) -> dict[str, Any]:

@@ -101,3 +101,19 @@ def test_export_errors_name_the_problem(vit_run: Path, tmp_path: Path,
     assert "does not fit encoder resnet18" in error(
         "--run", str(vit_run), "--checkpoint", str(tmp_path / "relabelled.pt"))
     assert not (vit_run / "export-relabelled").exists()  # nothing half-written
+
+
+def test_export_records_a_relative_init_path_as_absolute(prepared: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain behind an export must resolve from any working directory."""
+    from pretrain.export import backbone_meta
+
+    (tmp_path / "imagenet.pth").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    config = small_pretrain_config(prepared, tmp_path / "run")
+    encoder = create_encoder("resnet18", 1)
+    for init, recorded in (("imagenet.pth", str(tmp_path / "imagenet.pth")),
+                           ("random", "random"), ("timm:resnet18.a1_in1k", "timm:resnet18.a1_in1k"),
+                           ("missing.pth", "missing.pth")):
+        config.model.init = init
+        assert backbone_meta(config, encoder, epochs=1, steps=1)["init"] == recorded
