@@ -74,3 +74,16 @@ def _read_bulk(store: LabeledSlices, chosen: np.ndarray) -> tuple[np.ndarray, np
     norm = store.norm
     images = np.stack([apply_norm(raw[k], norm[i]) for k, i in enumerate(unique)])
     return images[inverse], masks[inverse]
+
+
+def require_whole_volumes(slices: SliceSet, split: str) -> SliceSet:
+    """``slices`` unchanged if every volume's slice positions run without a gap (HD95 in
+    3D stacks them: a missing slice would shorten distances along the slice axis)."""
+    by_volume: dict[str, list[int]] = {}
+    for volume, position in zip(slices.volumes, slices.positions.tolist()):
+        by_volume.setdefault(volume, []).append(position)
+    for volume, positions in by_volume.items():
+        if sorted(positions) != list(range(min(positions), max(positions) + 1)):
+            raise ValueError(f"split {split!r}: volume {volume} has slices "
+                             f"{sorted(positions)} with gaps; 3D metrics need whole volumes")
+    return slices

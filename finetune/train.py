@@ -23,7 +23,7 @@ from finetune.augment import augment_pair
 from finetune.budgets import budget_subset, epoch_indices, epoch_length
 from finetune.config import FinetuneConfig
 from finetune.convergence import convergence_metrics
-from finetune.data import SliceSet, load_slices, slice_patients
+from finetune.data import SliceSet, load_slices, require_whole_volumes, slice_patients
 from finetune.metrics import SegmentationMetrics
 from finetune.model import build_optimizer, build_unet, initialise_encoder, set_encoder_frozen
 from finetune.outputs import write_outputs
@@ -56,6 +56,8 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
                            config.budget_unit, config.seed)
     train_set = load_slices(config.data, "train", subset)
     val_set = load_slices(config.data, "val")
+    # read now: a test split unfit for its 3D metrics fails before training, not after
+    test_set = require_whole_volumes(load_slices(config.data, "test"), "test")
 
     model = build_unet(config.arch, 1, manifest.num_classes)
     init_chain = initialise_encoder(model, config.arch, 1, config.init)
@@ -140,7 +142,6 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
         atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, run, None))
 
     model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
-    test_set = load_slices(config.data, "test")
     summary = evaluate(model, test_set, manifest.class_names, device,
                        config.batch_size).summary()
     test = {"dice": summary["volume_dice"]["mean"], "iou": summary["volume_iou"]["mean"],

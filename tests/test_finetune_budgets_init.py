@@ -22,7 +22,7 @@ from finetune.budgets import (
     epoch_length,
 )
 from finetune.config import FinetuneConfig
-from finetune.data import load_slices, open_split, slice_patients
+from finetune.data import load_slices, open_split, require_whole_volumes, slice_patients
 from finetune.model import (
     build_optimizer,
     build_unet,
@@ -182,6 +182,16 @@ def test_slice_sets_carry_patient_position_and_spacing(prepared: Path) -> None:
     with pytest.raises(IndexError, match=rf"\[0, {len(store)}\) for split 'train'"):
         load_slices(prepared, "train", np.array([len(store)]))
 
+
+
+def test_splits_for_3d_metrics_must_hold_whole_volumes(prepared: Path) -> None:
+    test = load_slices(prepared, "test")
+    assert require_whole_volumes(test, "test") is test
+    keep = np.flatnonzero(~((np.array(test.volumes) == test.volumes[0])
+                            & (test.positions == 1)))  # one inner slice of one volume gone
+    gapped = load_slices(prepared, "test", keep)
+    with pytest.raises(ValueError, match=rf"volume {test.volumes[0]} has slices .* gaps"):
+        require_whole_volumes(gapped, "test")
 
 # --- encoder initialisation ---------------------------------------------------------------
 
