@@ -102,6 +102,14 @@ class IndexedShards:
             self._tables[shard] = _parse_index(self.paths[shard], int(self.counts[shard]))
         return self._tables[shard]
 
+    def stored_image(self, number: int) -> np.ndarray:
+        """Sample ``number``'s image as stored (source dtype and shape, not normalised)."""
+        shard = int(np.searchsorted(self.starts, number, side="right")) - 1
+        offset, size = self.table(shard)[number - self.starts[shard], :_IMAGE_SIZE + 1]
+        with open(self.paths[shard], "rb") as f:
+            f.seek(int(offset))
+            return decode_npy(f.read(int(size)), f"{self.paths[shard]}#{number}")
+
     def read(self, ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """The decoded images of samples ``ids``, in that order.
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from finetune.augment import SegAugmentConfig
 from finetune.budgets import BudgetUnit
+from pretrain.config import check_timm_init, timm_weights_name
 
 
 @dataclass
@@ -69,10 +70,7 @@ class FinetuneConfig:
                              f"got {self.warmup_epochs}")
         if any(not 0 < t <= 1 for t in self.dice_targets):
             raise ValueError(f"dice_targets must lie in (0, 1], got {self.dice_targets}")
-        name = self.timm_weights()
-        if name is not None and name.split(".")[0] != self.arch.split(".")[0]:
-            raise ValueError(f"init {self.init!r} names weights of another architecture "
-                             f"than arch {self.arch!r}")
+        check_timm_init(self.init, self.arch)
 
     def timm_weights(self) -> str | None:
         """The timm model name ("arch" or "arch.tag") whose pretrained weights ``init``
@@ -82,10 +80,3 @@ class FinetuneConfig:
     @property
     def label(self) -> str:
         return self.init_name or ("random" if self.init == "random" else self.init)
-
-
-def timm_weights_name(init: str, arch: str) -> str | None:
-    """``"timm"`` -> ``arch``; ``"timm:ARCH.TAG"`` -> ``"ARCH.TAG"``; anything else None."""
-    if init == "timm":
-        return arch
-    return init.removeprefix("timm:") if init.startswith("timm:") else None

@@ -13,14 +13,15 @@ import timm
 import torch
 from torch import nn
 
-from finetune.config import timm_weights_name
+from pretrain.config import timm_weights_name
 from pretrain.weights import (
-    EXPORT_META,
     EncoderMismatchError,
     EncoderWeights,
     WeightsUnavailableError,
     create_encoder,
     create_pretrained_encoder,
+    describe_keys,
+    export_meta_path,
     load_into_encoder,
     read_encoder_weights,
 )
@@ -126,16 +127,9 @@ def _key_report(weights: EncoderWeights, model: nn.Module) -> str:
     shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
               for k in sorted(set(expected) & set(given))
               if tuple(given[k].shape) != tuple(expected[k].shape)]
-    parts = [_listed(what, keys) for what, keys in (
+    parts = [describe_keys(what, keys) for what, keys in (
         ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes))]
     return "; ".join(p for p in parts if p) or "no key differs"
-
-
-def _listed(what: str, keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return ""
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{what}: {', '.join(keys[:limit])}{more}"
 
 
 def _normalise_key(key: str) -> str:
@@ -151,7 +145,7 @@ def _copy_into_unet(unet: smp.Unet, plain: nn.Module, init: str) -> list[str]:
     uncovered = [k for k in target if _normalise_key(k) not in source]
     if uncovered:
         raise EncoderMismatchError(f"{init}: U-Net encoder tensors without weights: "
-                                   f"{_listed('missing keys', uncovered)}")
+                                   f"{describe_keys('missing keys', uncovered)}")
     features.load_state_dict({k: source[_normalise_key(k)][1] for k in target}, strict=True)
     used = {_normalise_key(k) for k in target}
     return sorted(original for key, (original, _) in source.items() if key not in used)
@@ -188,26 +182,13 @@ def _describe_init(init: str, arch: str) -> tuple[dict[str, Any], str | None, st
     if name is not None:
         return {"init": init, "kind": "timm", "weights": name, **_hub_id(name)}, None, arch
     path = Path(init)
-    meta_path = _export_meta_path(path)
+    meta_path = export_meta_path(path)
     if meta_path is not None:
         return _export_link(init, meta_path, arch)
     if path.is_file() and path.suffix not in (".safetensors", ".json"):
         return _checkpoint_link(init, path, arch)
     kind = "weights file" if path.is_file() else "unresolved"
     return {"init": init, "kind": kind, "source": str(path.resolve())}, None, arch
-
-
-def _export_meta_path(path: Path) -> Path | None:
-    """The export description that ``read_encoder_weights`` would use for ``path``."""
-    if path.is_dir():
-        candidates = [path / EXPORT_META, path / "export" / EXPORT_META]
-    elif path.suffix == ".json":
-        candidates = [path]
-    elif path.suffix == ".safetensors":
-        candidates = [path.with_name(EXPORT_META)]
-    else:
-        candidates = []
-    return next((c for c in candidates if c.is_file()), None)
 
 
 def _export_link(init: str, meta_path: Path,

@@ -36,16 +36,26 @@ class ModelConfig:
     init: str = "random"
 
     def __post_init__(self) -> None:
-        name = self.timm_weights()
-        if name is not None and name.split(".")[0] != self.arch.split(".")[0]:
-            raise ValueError(f"init {self.init!r} names weights of another architecture "
-                             f"than arch {self.arch!r}")
+        check_timm_init(self.init, self.arch)
 
     def timm_weights(self) -> str | None:
         """The timm model name whose pretrained weights ``init`` asks for, if any."""
-        if self.init == "timm":
-            return self.arch
-        return self.init.removeprefix("timm:") if self.init.startswith("timm:") else None
+        return timm_weights_name(self.init, self.arch)
+
+
+def timm_weights_name(init: str, arch: str) -> str | None:
+    """``"timm"`` -> ``arch``; ``"timm:ARCH.TAG"`` -> ``"ARCH.TAG"``; anything else None."""
+    if init == "timm":
+        return arch
+    return init.removeprefix("timm:") if init.startswith("timm:") else None
+
+
+def check_timm_init(init: str, arch: str) -> None:
+    """Refuse timm weights named for another architecture than ``arch``."""
+    name = timm_weights_name(init, arch)
+    if name is not None and name.split(".")[0] != arch.split(".")[0]:
+        raise ValueError(f"init {init!r} names weights of another architecture than arch "
+                         f"{arch!r}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data_prep.dali_index import default_index_path
-from data_prep.shard_reader import decode_npy, shard_paths
+from data_prep.shard_reader import IndexedShards, shard_paths
 from pretrain.config import ViewConfig
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -50,21 +50,12 @@ def index_paths(paths: list[str]) -> list[str]:
     return [str(i) for i in indices]
 
 
-def image_ndim(tar: str, index: str) -> int:
-    """Dimensions of the first stored image (2 or 3): the pipeline's layout ops depend on it."""
-    with open(index) as lines:
-        lines.readline()  # header
-        fields = lines.readline().split()
-    members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]))
-               for i in range(0, len(fields) - 3, 4)}
-    if "image.npy" not in members:
-        raise ValueError(f"{index}: the first sample has no image.npy")
-    offset, size = members["image.npy"]
-    with open(tar, "rb") as f:
-        f.seek(offset)
-        ndim = decode_npy(f.read(size), f"{tar}:{offset}").ndim
+def image_ndim(data_path: str) -> int:
+    """Dimensions of the stored images (2 or 3): the pipeline's layout ops depend on it."""
+    ndim = IndexedShards(data_path).stored_image(0).ndim
     if ndim not in (2, 3):
-        raise ValueError(f"{tar}: images must be (H, W) or (C, H, W), got {ndim} dimensions")
+        raise ValueError(f"{data_path}: images must be (H, W) or (C, H, W), got {ndim} "
+                         "dimensions")
     return ndim
 
 
@@ -105,7 +96,7 @@ def build_dali_loader(
     pipe = build_pipeline(
         paths, indices, batch_size=per_rank_batch, shard_id=rank, num_shards=world_size,
         shuffle_buffer=shuffle_buffer, seed=pipe_seed, device_id=device_id, threads=threads,
-        image_ndim=image_ndim(paths[0], indices[0]), views=views, crop_size=crop_size)
+        image_ndim=image_ndim(data_path), views=views, crop_size=crop_size)
     pipe.build()
     names = ["images"] if views is None else ["view1", "view2"]
     # No reader_name and size=-1: the iterator never ends, like build_loader's repeat().

@@ -104,13 +104,27 @@ def _size_kwargs(arch: str, img_size: int | None) -> dict[str, int]:
     return {"img_size": img_size} if img_size and takes_img_size(arch) else {}
 
 
+def export_meta_path(path: Path) -> Path | None:
+    """The export description (``backbone.json``) behind ``path``, if there is one: in an
+    export or run folder, the file itself, or next to an export's weights."""
+    if path.is_dir():
+        candidates = [path / EXPORT_META, path / "export" / EXPORT_META]
+    elif path.suffix == ".json":
+        candidates = [path]
+    elif path.suffix == ".safetensors":
+        candidates = [path.with_name(EXPORT_META)]
+    else:
+        candidates = []
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / EXPORT_META, path / "export" / EXPORT_META):
-            if candidate.is_file():
-                return read_encoder_weights(candidate)
-        raise FileNotFoundError(f"{path}: no {EXPORT_META} here or in {path / 'export'}")
+        meta_path = export_meta_path(path)
+        if meta_path is None:
+            raise FileNotFoundError(f"{path}: no {EXPORT_META} here or in {path / 'export'}")
+        return read_encoder_weights(meta_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: encoder weights file does not exist")
     if path.suffix == ".json":
@@ -122,8 +136,8 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
             state = safetensors.torch.load_file(str(path))
         except Exception as exc:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-        meta_path = path.with_name(EXPORT_META)
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta_path = export_meta_path(path)
+        meta = json.loads(meta_path.read_text()) if meta_path is not None else {}
         return _described(EncoderWeights(state, path), meta)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,9 +206,9 @@ def load_into_encoder(model: nn.Module, weights: EncoderWeights) -> None:
                 # e.g. convnet weights for a ViT: say so before the long key lists
                 "" if set(state) & set(expected) else "no tensor name in common (weights "
                 "of another kind of network)",
-                _describe("missing keys", missing),
-                _describe("unexpected keys", unexpected),
-                _describe("shape mismatch", [
+                describe_keys("missing keys", missing),
+                describe_keys("unexpected keys", unexpected),
+                describe_keys("shape mismatch", [
                     f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
                     for k in wrong_shape]),
             ]))
@@ -235,7 +249,8 @@ def _as_list(value: object) -> list[str]:
     return [value] if isinstance(value, str) else list(value)  # type: ignore[arg-type]
 
 
-def _describe(what: str, keys: list[str], limit: int = 8) -> str:
+def describe_keys(what: str, keys: list[str], limit: int = 8) -> str:
+    """``"what: k1, k2 (+N more)"`` for an error message; empty when ``keys`` is."""
     if not keys:
         return ""
     shown = ", ".join(keys[:limit])
