@@ -22,7 +22,7 @@ $(VENV)/.base-installed: pyproject.toml
 
 # DeepSpeed builds against the installed torch, hence --no-build-isolation after it.
 $(VENV)/.test-installed: $(VENV)/.base-installed
-	$(PY) -m pip install --quiet -e '.[test,ray,dali]'
+	$(PY) -m pip install --quiet -e '.[test,dali]'
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed>=0.15'
 	touch $@
 

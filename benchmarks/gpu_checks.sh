@@ -15,6 +15,11 @@
 #   6. (not in the default SECTIONS; about 1 minute) a U-Net fine-tune on CUDA (bf16
 #      autocast, channels_last, joint augmentation on the GPU): 3 epochs, images/s and the
 #      validation curve. Needs monai and segmentation-models-pytorch in WHEELS.
+#   7. (not in the default SECTIONS; about 4 minutes) fine-tuning trials packed on one GPU
+#      as a sweep with resources.gpu=1/K packs them, without Ray (its wheel is too large to
+#      carry): K = 1, 2, 4, 8 processes at once, each capped to 1/K of the GPU's memory and
+#      running 2 ResNet-50 U-Net trials one after another; trials finished per hour, GPU
+#      busy fraction (nvidia-smi every 0.5 s), images/s. Needs the wheels of section 6.
 # The GPU image lacks webdataset, zarr, nibabel and DeepSpeed: pass a folder of their wheels as
 # WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
 # carry there, so its GPU pipeline is not measured here.
@@ -143,5 +148,11 @@ for e in metrics["epochs"]:
           f"{e['train_images_per_s']:.0f} images/s")
 print(f"test {metrics['test']['dice']}, {sys.argv[2]} s with start-up")
 PY
+}
+[[ " $SECTIONS " == *" 7 "* ]] && {
+echo "== 7. fine-tuning trials packed on one GPU: 1, 2, 4, 8 at once (resnet50 U-Net, bf16)"
+timeout 420 python3 benchmarks/finetune_packing.py --work "$WORK" --data "$WORK/prepared_256" \
+    --concurrency 1 2 4 8 --rounds ${PACKING_ROUNDS:-2} --arch resnet50 --epochs 3 \
+    --batch 32 --epoch-samples 512 --timeout 150 --json "$WORK/packing.json"
 }
 exit 0

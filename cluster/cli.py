@@ -1,9 +1,10 @@
-"""``python -m cluster``: launch recipes for multi-node runs (torchrun, SLURM, DeepSpeed)."""
+"""``python -m cluster``: launch recipes for multi-node runs (torchrun, SLURM, Ray, DeepSpeed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,31 @@ example:
       --partition gpu --account proj42 --setup 'source .venv/bin/activate' \\
       --config cfg.yaml --out pretrain.sbatch run.out=runs/byol-acdc
   sbatch pretrain.sbatch
+"""
+
+RAY_SLURM_EXAMPLES = """\
+example:
+  python -m cluster ray-slurm --nodes 2 --gpus-per-node 8 --time 12:00:00 \\
+      --partition gpu --account proj42 --setup 'source .venv/bin/activate' \\
+      --config sweep.yaml --out sweep.sbatch out=runs/sweep-acdc
+  sbatch sweep.sbatch
+
+The job starts Ray on its nodes (ray symmetric-run), runs
+`python -m finetune sweep --address auto --config sweep.yaml ...` on the first node and
+stops Ray when the sweep ends. Token authentication is on; the script says how it works.
+"""
+
+RAY_CLUSTER_EXAMPLES = """\
+example:
+  python -m cluster ray-cluster --head-ip 10.0.0.1 --worker-ip 10.0.0.2 \\
+      --worker-ip 10.0.0.3 --ssh-user alice --ssh-private-key ~/.ssh/id_ed25519 \\
+      --num-gpus 8 --activate 'source /shared/medssl/.venv/bin/activate' \\
+      --check --out cluster.yaml
+  ray get-auth-token --generate; chmod 600 ~/.ray/auth_token
+  ray up cluster.yaml
+  ray dashboard cluster.yaml     # in another terminal: the job API on 127.0.0.1:8265
+  RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+      -- python -m finetune sweep --config sweep.yaml
 """
 
 DEEPSPEED_EXAMPLES = """\
@@ -104,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_program_arguments(slurm)
     slurm.set_defaults(subparser=slurm)
 
+    _add_ray_slurm(sub)
+    _add_ray_cluster(sub)
+
     ds = sub.add_parser(
         "deepspeed-config", help="a DeepSpeed ZeRO config for pretraining",
         epilog=DEEPSPEED_EXAMPLES, formatter_class=raw,
@@ -123,6 +152,80 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", help="write the JSON here instead of printing it")
     ds.set_defaults(subparser=ds)
     return parser
+
+
+def _add_ray_slurm(sub: argparse._SubParsersAction) -> None:
+    from cluster.ray_cluster import DEFAULT_DASHBOARD_PORT, DEFAULT_RAY_PORT
+
+    parser = sub.add_parser(
+        "ray-slurm", help="an sbatch script running a fine-tuning sweep on a Ray cluster",
+        epilog=RAY_SLURM_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print (or --out: write) an sbatch script that starts Ray on every node "
+                    "of the allocation (head on the first) and runs the sweep as the driver.")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--time", required=True, help="wall time, HH:MM:SS or D-HH:MM:SS")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--job-name", default="medssl-sweep")
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="CPU cores per node, Ray's --num-cpus (default: 8 per GPU)")
+    parser.add_argument("--log", default="%x-%j.out",
+                        help="SLURM log file (%%x job name, %%j job id); its folder must exist")
+    parser.add_argument("--no-exclusive", dest="exclusive", action="store_false",
+                        help="share nodes with other jobs (no other Ray may run on them)")
+    parser.add_argument("--port", type=int, default=DEFAULT_RAY_PORT,
+                        help="the head's GCS port")
+    parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                        help="dashboard and job API, on the head's 127.0.0.1")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        dest="sbatch_options",
+                        help="extra #SBATCH directive, e.g. --sbatch=--constraint=h100")
+    parser.add_argument("--setup", action="append", default=[], metavar="CMD",
+                        help="shell line to run before Ray starts (repeatable); must put "
+                             "ray and python on PATH")
+    parser.add_argument("--out", help="write the script here instead of printing it")
+    parser.add_argument("--config", required=True, help="sweep YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    parser.set_defaults(subparser=parser)
+
+
+def _add_ray_cluster(sub: argparse._SubParsersAction) -> None:
+    from cluster.ray_cluster import DEFAULT_DASHBOARD_PORT, DEFAULT_RAY_PORT, DEFAULT_TOKEN_FILE
+
+    parser = sub.add_parser(
+        "ray-cluster", help="a Ray cluster-launcher YAML for machines you already have",
+        epilog=RAY_CLUSTER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print (or --out: write) the YAML for `ray up` on an on-premise cluster "
+                    "(provider type local), with token authentication and the dashboard on "
+                    "the head's loopback.")
+    parser.add_argument("--head-ip", required=True, help="the head node (IP or host name)")
+    parser.add_argument("--worker-ip", action="append", default=[], dest="worker_ips",
+                        metavar="IP", help="a worker node (repeatable)")
+    parser.add_argument("--ssh-user", required=True)
+    parser.add_argument("--ssh-private-key", help="default: ssh-agent / ~/.ssh")
+    parser.add_argument("--cluster-name", default="medssl")
+    parser.add_argument("--num-cpus", type=int, help="Ray's CPUs per node (default: detected)")
+    parser.add_argument("--num-gpus", type=int, help="Ray's GPUs per node (default: detected)")
+    parser.add_argument("--port", type=int, default=DEFAULT_RAY_PORT,
+                        help="the head's GCS port")
+    parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                        help="dashboard and job API, on the head's 127.0.0.1")
+    parser.add_argument("--activate", metavar="CMD",
+                        help="shell line putting ray on PATH, prefixed to every Ray command "
+                             "(each runs in a fresh shell)")
+    parser.add_argument("--setup", action="append", default=[], metavar="CMD",
+                        help="set-up command run on every node (repeatable, each in a fresh "
+                             "shell)")
+    parser.add_argument("--file-mount", action="append", default=[], metavar="REMOTE=LOCAL",
+                        dest="file_mounts", help="copy a local path to every node (repeatable)")
+    parser.add_argument("--auth-token-file", default=DEFAULT_TOKEN_FILE,
+                        help="local token file copied to ~/.ray/auth_token on every node")
+    parser.add_argument("--check", action="store_true",
+                        help="also check the config with Ray's schema and the launcher's "
+                             "preparation (offline)")
+    parser.add_argument("--out", help="write the YAML here instead of printing it")
+    parser.set_defaults(subparser=parser)
 
 
 def _add_program_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +273,18 @@ def _run(args: argparse.Namespace) -> str:
             monitor_interval=args.monitor_interval,
             sbatch_options=tuple(args.sbatch_options), setup=tuple(args.setup),
             config=args.config, overrides=tuple(args.overrides)))
+    if args.command == "ray-slurm":
+        from cluster.ray_slurm import RaySweepJob, render_ray_sbatch
+
+        return render_ray_sbatch(RaySweepJob(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+            config=args.config, overrides=tuple(args.overrides), job_name=args.job_name,
+            partition=args.partition, account=args.account,
+            cpus_per_task=args.cpus_per_task, log=args.log, exclusive=args.exclusive,
+            port=args.port, dashboard_port=args.dashboard_port,
+            sbatch_options=tuple(args.sbatch_options), setup=tuple(args.setup)))
+    if args.command == "ray-cluster":
+        return _ray_cluster_yaml(args)
     from cluster.deepspeed_presets import (
         check_deepspeed_config,
         deepspeed_config,
@@ -188,3 +303,29 @@ def _run(args: argparse.Namespace) -> str:
     if args.check:
         check_deepspeed_config(config)
     return json.dumps(config, indent=2) + "\n"
+
+
+def _ray_cluster_yaml(args: argparse.Namespace) -> str:
+    import yaml
+
+    from cluster.ray_cluster import (
+        RayClusterSpec,
+        check_cluster_config,
+        parse_file_mount,
+        render_cluster_yaml,
+    )
+
+    spec = RayClusterSpec(
+        head_ip=args.head_ip, worker_ips=tuple(args.worker_ips), ssh_user=args.ssh_user,
+        ssh_private_key=args.ssh_private_key, cluster_name=args.cluster_name,
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, port=args.port,
+        dashboard_port=args.dashboard_port, activate=args.activate, setup=tuple(args.setup),
+        file_mounts=tuple(parse_file_mount(item) for item in args.file_mounts),
+        token_file=args.auth_token_file)
+    text = render_cluster_yaml(spec)
+    if args.check:
+        check_cluster_config(yaml.safe_load(text))
+    if not os.path.isfile(os.path.expanduser(spec.token_file)):
+        print(f"warning: {spec.token_file} does not exist yet; `ray up` copies it to every "
+              "node: create it with `ray get-auth-token --generate`", file=sys.stderr)
+    return text

@@ -1,4 +1,4 @@
-"""``python -m finetune``: fine-tune a U-Net, run a local grid, write a report, run the demo."""
+"""``python -m finetune``: fine-tune a U-Net, run a sweep on Ray, write a report, run the demo."""
 
 from __future__ import annotations
 
@@ -22,6 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "with budget_unit=patients); 0 = the whole training split")
     train.add_argument("--seed", type=int)
     train.add_argument("overrides", nargs="*", metavar="key=value")
+
+    sweep = sub.add_parser(
+        "sweep", help="inits x label budgets x seeds as Ray Tune trials (resumable)",
+        description="Run every (init, budget, seed) of a sweep config as a Ray Tune trial. "
+                    "Re-running the same command continues it; finished runs never train "
+                    "again.")
+    sweep.add_argument("--config", required=True, help="sweep YAML (keys: finetune/"
+                       "sweep_config.py, SweepConfig)")
+    sweep.add_argument("--address", help="Ray cluster to join ('auto', HOST:PORT); default: "
+                       "$RAY_ADDRESS (set by ray job submit), else a local instance on "
+                       "127.0.0.1")
+    sweep.add_argument("--num-cpus", type=int, help="CPUs of a local instance (default: all)")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value")
 
     report = sub.add_parser("report", help="report on every finished run under a folder")
     report.add_argument("--runs", required=True)
@@ -53,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"test": metrics["test"], "convergence": metrics["convergence"]},
                              indent=2))
             return 0
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "report":
             from finetune.report import collect_runs, write_report
 
@@ -69,3 +85,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from cluster.config import apply_override, read_yaml_mapping
+    from cluster.ray_local import cluster_address, prepare_local_environment
+
+    if cluster_address(args.address) is None:
+        prepare_local_environment()  # before anything imports Ray
+    from finetune.sweep import run_sweep
+    from finetune.sweep_config import load_sweep_config
+
+    raw = read_yaml_mapping(args.config)
+    for item in args.overrides:
+        apply_override(raw, item)
+    config = load_sweep_config(raw)
+    try:
+        outcome = run_sweep(config, address=args.address, num_cpus=args.num_cpus)
+    except (FileNotFoundError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = outcome.results
+    print(f"sweep {config.name}: {len(results.rows)} of "
+          f"{len(results.rows) + len(results.unfinished)} trials complete ({outcome.where})")
+    for trial in results.unfinished:
+        print(f"  not finished: {trial.key} ({trial.run_dir})", file=sys.stderr)
+    print(config.sweep_dir / "results.csv")
+    if outcome.summary is not None:
+        print(outcome.summary.resolve())
+    return 0 if results.complete else 1

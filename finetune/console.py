@@ -9,6 +9,7 @@ USAGE = """usage: medssl <command> [args]
 
 commands:
   demo        the whole workflow on the built-in synthetic phantom (medssl demo --out DIR)
+  sweep       inits x label budgets x seeds on Ray Tune (medssl sweep --config sweep.yaml)
   data_prep   make the phantom, prepare and verify datasets (python -m data_prep)
   pretrain    self-supervised pretraining (python -m pretrain; use torchrun for many ranks)
   finetune    fine-tuning runs and reports (python -m finetune)
@@ -22,10 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0].replace("-", "_"), args[1:]
-    if command == "demo":
+    if command in ("demo", "sweep"):
         from finetune.cli import main as finetune_main
 
-        return finetune_main(["demo", *rest])
+        return finetune_main([command, *rest])
     if command == "data_prep":
         from data_prep.cli import main as run
     elif command == "pretrain":

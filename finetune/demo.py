@@ -1,7 +1,8 @@
 """``medssl demo``: the whole workflow on the built-in synthetic phantom, on CPU, in minutes.
 
 generate phantom -> prepare dataset -> BYOL pretraining -> fine-tune {random, SSL} x
-{2 label budgets} x {2 seeds} -> report. Every artifact lands under ``--out``.
+{2 label budgets} x {2 seeds} as a Ray Tune sweep on a local Ray instance -> report.
+Every artifact lands under ``--out``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from data_prep.phantom import PhantomConfig, write_acdc_tree
 from data_prep.prepare import PrepareConfig, prepare_dataset
-from finetune.config import FinetuneConfig
-from finetune.grid import run_grid
 from finetune.report import write_report
+from finetune.sweep import run_sweep
+from finetune.sweep_config import SweepConfig, load_sweep_config
 from pretrain.config import (
     AugmentConfig,
     DataConfig,
@@ -45,6 +46,7 @@ class DemoConfig:
     budgets: list[int] = field(default_factory=lambda: [8, 64])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     workers: int = 1
+    trial_cpus: int = 1  # CPUs per fine-tuning trial: 2 cores run two trials at once
     progress: bool = True
 
 
@@ -84,14 +86,13 @@ def run_demo(config: DemoConfig) -> Path:
                       progress=config.progress),
     ))
 
-    _stage("4/5 fine-tuning grid: {random, SSL} x budgets x seeds")
-    base = FinetuneConfig(
-        data=str(prepared), arch=config.arch, epochs=config.finetune_epochs,
-        batch_size=config.finetune_batch, epoch_samples=config.epoch_samples, lr=2e-3,
-        warmup_epochs=1.0, device="cpu", overlays=2, checkpoint_every=0,
-    )
-    runs = run_grid(base, {"random": "random", "byol-phantom": str(result.export_dir)},
-                    config.budgets, config.seeds, out / "runs", progress=config.progress)
+    _stage("4/5 fine-tuning sweep on a local Ray instance: {random, SSL} x budgets x seeds")
+    sweep = demo_sweep(config, prepared, result.export_dir)
+    outcome = run_sweep(sweep)
+    if not outcome.results.complete:
+        raise RuntimeError(f"fine-tuning trials failed: "
+                           f"{', '.join(t.key for t in outcome.results.unfinished)}")
+    runs = outcome.results.runs
 
     _stage("5/5 report")
     minutes = (time.perf_counter() - started) / 60
@@ -105,3 +106,17 @@ def run_demo(config: DemoConfig) -> Path:
                                  "workflow, not the study's findings, which need real data, "
                                  "longer pretraining and 150-epoch fine-tuning."])
     return report
+
+
+def demo_sweep(config: DemoConfig, prepared: Path, export: Path) -> SweepConfig:
+    """The demo's fine-tuning grid as a sweep in ``out/sweep``."""
+    return load_sweep_config({
+        "name": "sweep", "storage": str(Path(config.out).resolve()), "data": str(prepared),
+        "base": {"arch": config.arch, "epochs": config.finetune_epochs,
+                 "batch_size": config.finetune_batch, "epoch_samples": config.epoch_samples,
+                 "lr": 2e-3, "warmup_epochs": 1.0, "device": "cpu", "overlays": 2,
+                 "checkpoint_every": 1},
+        "inits": {"random": "random", "byol-phantom": str(export)},
+        "budgets": config.budgets, "seeds": config.seeds,
+        "resources": {"cpu": config.trial_cpus}, "table_every": 0,
+    })

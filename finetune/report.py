@@ -106,8 +106,9 @@ def _save(figure: plt.Figure, path: Path) -> None:
 
 
 def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str = "medssl report",
-                 notes: list[str] | None = None) -> Path:
-    """Write ``report.md`` with its two PNG plots into ``out_dir``; return its path."""
+                 notes: list[str] | None = None, filename: str = REPORT_NAME) -> Path:
+    """Write ``filename`` (``report.md``) with its two PNG plots into ``out_dir``; return
+    its path."""
     if not runs:
         raise ValueError("no complete fine-tuning runs to report on")
     unit = budget_unit(runs)  # fails before any file is written
@@ -166,6 +167,6 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, title: str = "
     for run in sorted(runs, key=lambda r: (r["init"], r["budget"], r["seed"])):
         lines.append(f"| {run['init']} | {run['budget']} | {run['seed']} | "
                      f"{Path(run['run_dir']).resolve()} |")
-    path = out / REPORT_NAME
+    path = out / filename
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

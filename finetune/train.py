@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,13 +37,20 @@ from pretrain.schedules import warmup_cosine
 METRICS_FILE = "metrics.json"
 BEST_WEIGHTS = "best.safetensors"
 LAST_CHECKPOINT = "last.pt"
+STARTS_FILE = "starts.jsonl"  # one line per time this run began training (fresh or resumed)
+
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def train_run(config: FinetuneConfig) -> dict[str, Any]:
+def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
+              start_context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train, validate each epoch, test the best epoch; return (and write) the metrics.
 
     A run whose ``metrics.json`` is complete is returned as is; an interrupted run
-    resumes from its last finished epoch.
+    resumes from its last finished epoch. ``on_epoch`` receives each epoch's record after
+    its checkpoint and ``metrics.json`` are on disk (a sweep reports it to Ray Tune).
+    Every start that trains appends a line to ``starts.jsonl`` with ``start_context``
+    (who ran it), so a run trained twice is visible.
     """
     if not config.data or not config.out:
         raise ValueError("data and out are required")
@@ -83,6 +94,7 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
         best_dice = max((h["val_dice"] for h in history), default=-1.0)
     run = {"train_slices": len(subset), "init_chain": init_chain}
     write_run_info(run_dir, config, run)
+    _log_start(run_dir, len(history), start_context)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     bar = tqdm(range(len(history), config.epochs), desc=f"finetune {config.label} "
                f"b={config.budget} s={config.seed}", unit="epoch", leave=False,
@@ -140,6 +152,8 @@ def train_run(config: FinetuneConfig) -> dict[str, Any]:
         if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0:
             _save_last(run_dir, model, optimizer, history, step, elapsed)
         atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, run, None))
+        if on_epoch is not None:
+            on_epoch(record)
 
     model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
     summary = evaluate(model, test_set, manifest.class_names, device,
@@ -217,8 +231,6 @@ def _metrics(config: FinetuneConfig, history: list[dict[str, Any]], run: dict[st
 
 
 def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> dict[str, Any] | None:
-    import json
-
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
@@ -229,6 +241,22 @@ def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> dict[str, Any] 
         raise ValueError(f"{run_dir} holds a finished run with another config; "
                          "choose another out folder")
     return metrics
+
+
+def _log_start(run_dir: Path, resume_epoch: int, context: dict[str, Any] | None) -> None:
+    """Append one line to the run's start log (O_APPEND: whole lines, never rewritten)."""
+    line = {"time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
+            "resume_epoch": resume_epoch, **(context or {})}
+    with open(run_dir / STARTS_FILE, "a", encoding="utf-8") as log:
+        log.write(json.dumps(line) + "\n")
+
+
+def read_starts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's start log: one dict per time it began training."""
+    path = Path(run_dir) / STARTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

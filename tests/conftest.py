@@ -65,7 +65,7 @@ def pretrain_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from pretrain.engine import pretrain
 
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    pretrain(small_pretrain_config(prepared, out))
+    pretrain(small_pretrain_config(prepared, out, keep_epochs=[1, 2]))  # sweeps: epochs series
     return out
 
 

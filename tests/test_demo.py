@@ -34,9 +34,13 @@ def test_demo_writes_the_report_last(tmp_path: Path) -> None:
     for init in ("random", "byol-phantom"):
         for budget in (4, 8):
             assert f"| {init} | {budget} |" in text
-    assert {p.name for p in out.iterdir()} == {"phantom_acdc", "prepared", "pretrain", "runs",
+    assert {p.name for p in out.iterdir()} == {"phantom_acdc", "prepared", "pretrain", "sweep",
                                                "report"}
-    assert len(list((out / "runs").rglob("metrics.json"))) == 4
+    # the grid ran as a Ray Tune sweep: its run folders, results table and Tune state
+    assert len(list((out / "sweep" / "runs").rglob("metrics.json"))) == 4
+    assert len((out / "sweep" / "results.csv").read_text().splitlines()) == 5
+    assert any((out / "sweep" / "tune").iterdir())
+    assert result.stdout.count("done     ") == 4
 
 
 def test_console_script_dispatches(tmp_path: Path) -> None:

@@ -1,0 +1,227 @@
+"""A sweep's configuration and the trials it expands to.
+
+A sweep is the reference study's grid: every encoder initialisation x label budget x
+seed is one fine-tuning run. The YAML holds the grid's axes and the fine-tuning keys the
+trials share (``base``); :func:`plan_trials` expands it into one :class:`Trial` per run,
+each with the run folder ``finetune/grid.py`` would use, so sweeps and local grids write
+the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ConfigError, from_dict, to_dict
+from finetune.config import FinetuneConfig
+from finetune.grid import run_dir_for
+
+# keys of FinetuneConfig the sweep sets per trial; ``base`` may not set them
+TRIAL_KEYS = ("data", "out", "init", "init_name", "budget", "seed")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+KEPT_EPOCH = "checkpoints/epoch{:04d}.pt"  # pretrain's kept end-of-epoch checkpoints
+TRIAL_FILE = "sweep_trial.json"  # in a run folder: what Ray did with it (nodes, threads, time)
+# Test-only fault switch: "INIT/budgetNNNNN/seedS@EPOCH" makes that trial raise once,
+# after reporting EPOCH. Set in the driver's environment; the sweep forwards it.
+FAULT_ENV = "MEDSSL_SWEEP_FAULT"
+
+
+@dataclass
+class TrialResources:
+    """What one trial asks of a Ray node. ``gpu`` may be a fraction (0.25: four trials
+    share a GPU, each capped to a quarter of its memory)."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.cpu > 0:
+            raise ValueError(f"cpu must be > 0, got {self.cpu}")
+        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
+            raise ValueError(f"gpu must be a fraction in [0, 1] or a whole number, "
+                             f"got {self.gpu}")
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""
+    storage: str = ""  # the sweep lives in storage/name/ (a shared file system on a cluster)
+    data: str = ""  # prepared dataset, at a path every node sees
+    # FinetuneConfig keys shared by every trial (epochs, batch_size, arch, ...)
+    base: dict[str, Any] = field(default_factory=dict)
+    # name -> init: anything ``finetune train --init`` takes, or a mapping
+    # {run: PRETRAIN_RUN, epochs: [1, 5, 25]} for one init per kept epoch checkpoint
+    inits: dict[str, Any] = field(default_factory=lambda: {"random": "random"})
+    budgets: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    resources: TrialResources = field(default_factory=TrialResources)
+    max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's resources allow
+    max_failures: int = 2  # retries of a failed trial (each continues from its checkpoint)
+    # seconds between the console's tables of running/finished/failed trials
+    table_every: float = 60.0
+
+    def __post_init__(self) -> None:
+        for key in ("name", "storage", "data"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is required")
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"name {self.name!r} may hold only letters, digits, '.', '_', '-'")
+        if not self.inits:
+            raise ValueError("inits must name at least one initialisation")
+        if not self.budgets or any(b < 0 for b in self.budgets):
+            raise ValueError(f"budgets must be a non-empty list of numbers >= 0, "
+                             f"got {self.budgets}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for key, values in (("budgets", self.budgets), ("seeds", self.seeds)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key} lists a value twice: {values}")
+        if self.max_concurrent < 0 or self.max_failures < 0:
+            raise ValueError("max_concurrent and max_failures must be >= 0")
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.storage) / self.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.sweep_dir / "runs"
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """One initialisation of the grid: its report name and what ``--init`` receives."""
+
+    name: str
+    init: str
+    pretrain_epochs: int | None = None  # set for an ``epochs:`` series member
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One fine-tuning run of the sweep."""
+
+    init_name: str
+    init: str
+    budget: int
+    seed: int
+    run_dir: str
+    pretrain_epochs: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable, readable id: the run folder below ``runs/``."""
+        return f"{self.init_name}/{Path(self.run_dir).parent.name}/seed{self.seed}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_sweep_config(raw: dict[str, Any], cwd: Path | None = None) -> SweepConfig:
+    """Validate ``raw`` (YAML plus overrides) and make every path absolute.
+
+    Relative paths are read from ``cwd`` (default: the current folder) now, in the
+    driver: Ray Tune runs trials in other working directories and on other nodes.
+    """
+    config = from_dict(SweepConfig, raw)
+    cwd = (cwd or Path.cwd()).resolve()
+    config.storage = str(_absolute(config.storage, cwd))
+    config.data = str(_absolute(config.data, cwd))
+    config.inits = {name: _absolute_init(name, value, cwd)
+                    for name, value in config.inits.items()}
+    base_config(config)  # base keys checked now, before anything starts
+    return config
+
+
+def base_config(config: SweepConfig) -> FinetuneConfig:
+    """The FinetuneConfig every trial starts from, ``base`` validated as ``base.KEY``."""
+    owned = sorted(set(config.base) & set(TRIAL_KEYS))
+    if owned:
+        raise ConfigError(f"config key 'base.{owned[0]}' is set per trial by the sweep "
+                          "(use data, inits, budgets and seeds)")
+    raw = {**config.base, "data": config.data, "out": str(config.runs_dir)}
+    raw.setdefault("progress", False)  # trials report through Tune, not progress bars
+    return from_dict(FinetuneConfig, raw, prefix="base")
+
+
+def expand_inits(config: SweepConfig) -> list[InitSpec]:
+    """Each init of the sweep; an ``epochs:`` series becomes one init per kept epoch."""
+    specs: list[InitSpec] = []
+    for name, value in config.inits.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"config key 'inits.{name}': an init name may hold only "
+                              "letters, digits, '.', '_' and '-' (it names run folders)")
+        if isinstance(value, str):
+            specs.append(InitSpec(name, value))
+            continue
+        run, epochs = Path(value["run"]), value["epochs"]
+        for epoch in epochs:
+            checkpoint = run / KEPT_EPOCH.format(epoch)
+            if not checkpoint.is_file():
+                kept = sorted(p.name for p in (run / "checkpoints").glob("epoch*.pt"))
+                raise ConfigError(
+                    f"config key 'inits.{name}.epochs': {checkpoint} does not exist "
+                    f"(kept epoch checkpoints there: {', '.join(kept) or 'none'}; keep more "
+                    "with the pretraining key run.keep_epochs)")
+            specs.append(InitSpec(f"{name}-ep{epoch:04d}", str(checkpoint), epoch))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'inits': names repeat after expansion: {names}")
+    return specs
+
+
+def plan_trials(config: SweepConfig) -> list[Trial]:
+    """Every (init, budget, seed) of the sweep, in grid order."""
+    unit = base_config(config).budget_unit
+    return [Trial(spec.name, spec.init, budget, seed,
+                  str(run_dir_for(config.runs_dir, spec.name, budget, seed, unit)),
+                  spec.pretrain_epochs)
+            for spec in expand_inits(config) for budget in config.budgets
+            for seed in config.seeds]
+
+
+def trial_config(config: SweepConfig, trial: Trial) -> FinetuneConfig:
+    """The fine-tuning config of one trial: ``base`` plus the trial's own keys."""
+    return dataclasses.replace(base_config(config), init=trial.init, init_name=trial.init_name,
+                               budget=trial.budget, seed=trial.seed, out=trial.run_dir)
+
+
+def fingerprint(config: SweepConfig) -> str:
+    """A short hash of what the trials will compute: a changed grid or base config gets
+    a Tune experiment of its own instead of restoring another one's state."""
+    what = {"trials": [t.as_dict() for t in plan_trials(config)],
+            "base": to_dict(base_config(config)), "resources": to_dict(config.resources)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _absolute(path: str, cwd: Path) -> Path:
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else cwd / resolved
+
+
+def _absolute_init(name: str, value: Any, cwd: Path) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        if value == "random" or value == "timm" or value.startswith("timm:"):
+            return value
+        return str(_absolute(value, cwd))
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key 'inits.{name}' must be an init string or a mapping "
+                          f"{{run: PRETRAIN_RUN, epochs: [...]}}, got {value!r}")
+    unknown = sorted(set(value) - {"run", "epochs"})
+    if unknown:
+        raise ConfigError(f"unknown config key 'inits.{name}.{unknown[0]}'; known keys: "
+                          "epochs, run")
+    if not isinstance(value.get("run"), str):
+        raise ConfigError(f"config key 'inits.{name}.run' must be a pretraining run folder")
+    epochs = value.get("epochs")
+    if (not isinstance(epochs, list) or not epochs
+            or not all(isinstance(e, int) and not isinstance(e, bool) and e > 0
+                       for e in epochs)):
+        raise ConfigError(f"config key 'inits.{name}.epochs' must be a list of epochs >= 1, "
+                          f"got {epochs!r}")
+    return {"run": str(_absolute(value["run"], cwd)), "epochs": epochs}

@@ -1,0 +1,93 @@
+"""A sweep's results, gathered from its run folders: one table row per finished trial.
+
+The run folders, not Tune's result objects, are read: they are complete whether a trial
+ran in this driver, in one that was killed, or in an earlier sweep, and they are what
+``finetune report`` reads too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cluster.atomic import atomic_path, atomic_write_text
+from finetune.outputs import result_row
+from finetune.report import write_report
+from finetune.sweep_config import TRIAL_FILE, SweepConfig, Trial
+from finetune.train import METRICS_FILE, read_starts
+
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+SUMMARY = "summary.md"
+
+
+@dataclass
+class SweepResults:
+    rows: list[dict[str, Any]]  # finished trials
+    runs: list[dict[str, Any]]  # their metrics.json, for the report
+    unfinished: list[Trial]
+
+    @property
+    def complete(self) -> bool:
+        return not self.unfinished
+
+
+def finished_metrics(trial: Trial) -> dict[str, Any] | None:
+    path = Path(trial.run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if metrics.get("complete") else None
+
+
+def gather(trials: list[Trial]) -> SweepResults:
+    rows, runs, unfinished = [], [], []
+    for trial in trials:
+        metrics = finished_metrics(trial)
+        if metrics is None:
+            unfinished.append(trial)
+            continue
+        runs.append(metrics)
+        rows.append(_row(trial, metrics))
+    return SweepResults(rows, runs, unfinished)
+
+
+def _row(trial: Trial, metrics: dict[str, Any]) -> dict[str, Any]:
+    run_dir = Path(trial.run_dir)
+    info_path = run_dir / TRIAL_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    row = {"trial": trial.key, "pretrain_epochs": trial.pretrain_epochs, **result_row(metrics)}
+    row["run_dir"] = str(run_dir)
+    row["wall_seconds"] = info.get("wall_seconds")
+    row["node_id"] = info.get("node_id")
+    row["torch_threads"] = info.get("torch_threads")
+    row["trainings"] = len(read_starts(run_dir))  # >1: resumed after a crash or retry
+    return row
+
+
+def write_results(config: SweepConfig, results: SweepResults) -> Path | None:
+    """``results.csv``, ``results.parquet`` and ``summary.md`` (with its plots) in the sweep
+    folder; returns the summary's path (None when no trial has finished)."""
+    folder = config.sweep_dir
+    frame = pd.DataFrame(results.rows)
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    atomic_write_text(folder / RESULTS_CSV, buffer.getvalue())
+    with atomic_path(folder / RESULTS_PARQUET) as tmp:
+        frame.to_parquet(tmp, index=False)
+    if not results.runs:
+        return None
+    notes = [f"Sweep `{config.name}`: {len(results.rows)} of "
+             f"{len(results.rows) + len(results.unfinished)} trials finished; one row each "
+             f"in `{RESULTS_CSV}` / `{RESULTS_PARQUET}`."]
+    if results.unfinished:
+        notes += ["", "Not finished (failed beyond `max_failures`, or still to run; "
+                  "re-run the same command to continue them):", ""]
+        notes += [f"- `{trial.key}`" for trial in results.unfinished]
+    return write_report(results.runs, folder, title=f"medssl sweep: {config.name}",
+                        notes=notes, filename=SUMMARY)

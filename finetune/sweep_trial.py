@@ -1,0 +1,140 @@
+"""One sweep trial inside a Ray Tune worker: a normal ``train_run`` in its run folder.
+
+The run folder (on storage every node sees) is the source of truth: ``train_run``
+resumes from its ``last.pt`` and returns a complete run without training it again. The
+Tune checkpoint reported each epoch is a small pointer (run folder, epoch) rather than a
+copy of ``last.pt``: a ResNet-50 U-Net's weights and Adam state are ~400 MB, and copying
+them every epoch of 600 runs would cost more than the training. It lets Tune know where
+a retried trial stands, and the trial checks that the folder agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from cluster.atomic import atomic_write_json
+from cluster.config import from_dict
+from finetune.config import FinetuneConfig
+from finetune.sweep_config import FAULT_ENV, TRIAL_FILE, Trial
+from finetune.train import LAST_CHECKPOINT, train_run
+
+POINTER_FILE = "position.json"
+
+
+class InjectedFault(RuntimeError):
+    """The test-only fault of ``MEDSSL_SWEEP_FAULT``."""
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune's function trainable: ``config["run"]`` holds the trial and its fine-tuning
+    config."""
+    trial = Trial(**config["run"]["trial"])
+    finetune = from_dict(FinetuneConfig, config["run"]["finetune"])
+    run_dir = Path(trial.run_dir)
+    cpus, gpus = _assigned_resources()
+    torch.set_num_threads(max(1, int(cpus)))  # Ray's CPU share, so trials never oversubscribe
+    if gpus > 0 and torch.cuda.is_available():
+        cap_cuda_memory(gpus)
+    else:
+        finetune.device = "cpu"  # no GPU was given to this trial, even if the node has one
+    started = time.monotonic()
+    node_id = ray.get_runtime_context().get_node_id()
+    info = _read_trial_info(run_dir)
+    previous_seconds = float(info.get("wall_seconds", 0.0))
+    info.update(trial=trial.key, node_id=node_id, torch_threads=torch.get_num_threads(),
+                nodes=sorted({*info.get("nodes", []), node_id}))
+    _check_pointer(run_dir)
+    fault = _fault_epoch(trial, run_dir)
+    every = finetune.checkpoint_every
+
+    def report_epoch(record: dict[str, Any]) -> None:
+        info["wall_seconds"] = round(previous_seconds + time.monotonic() - started, 3)
+        atomic_write_json(run_dir / TRIAL_FILE, info)
+        metrics = _epoch_metrics(record)
+        if every and record["epoch"] % every == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                atomic_write_json(Path(folder) / POINTER_FILE,
+                                  {"run_dir": str(run_dir), "epoch": record["epoch"]})
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+        if fault is not None and record["epoch"] == fault:
+            (run_dir / ".fault-injected").touch()
+            raise InjectedFault(f"{FAULT_ENV}: injected failure after epoch {fault}")
+
+    context = {"trial": trial.key, "node_id": node_id, "torch_threads": torch.get_num_threads(),
+               "ray_trial_id": tune.get_context().get_trial_id()}
+    metrics = train_run(finetune, on_epoch=report_epoch, start_context=context)
+    info["wall_seconds"] = round(previous_seconds + time.monotonic() - started, 3)
+    atomic_write_json(run_dir / TRIAL_FILE, info)
+    test = metrics["test"] or {}
+    tune.report({"epoch": len(metrics["epochs"]), "val_dice": metrics["convergence"]["best_dice"],
+                 "test_dice": test.get("dice"), "complete": True})
+
+
+def cap_cuda_memory(fraction: float, cuda: Any = torch.cuda) -> float:
+    """Cap this process's CUDA allocations to its GPU share; return the cap applied.
+
+    With ``resources.gpu=0.25`` Ray lets four trials share a GPU, but nothing stops one
+    from taking all of its memory and the others failing with out-of-memory errors.
+    """
+    cap = min(1.0, fraction)
+    if cap < 1.0:
+        cuda.set_per_process_memory_fraction(cap, 0)  # Ray shows the trial only its GPU
+    return cap
+
+
+def _assigned_resources() -> tuple[float, float]:
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    return float(assigned.get("CPU", 1.0)), float(assigned.get("GPU", 0.0))
+
+
+def _epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    return {"epoch": record["epoch"], "val_dice": record["val_dice"],
+            "train_loss": record["train_loss"], "images_per_s": record["train_images_per_s"],
+            "seconds": record["seconds"], "complete": False}
+
+
+def _read_trial_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / TRIAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _check_pointer(run_dir: Path) -> None:
+    """A retried trial's Tune checkpoint must not be ahead of its run folder (which would
+    mean the folder lost epochs: another storage, or a deleted ``last.pt``)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        pointer = json.loads((Path(folder) / POINTER_FILE).read_text())
+    if pointer["run_dir"] != str(run_dir):
+        raise RuntimeError(f"Tune checkpoint names run folder {pointer['run_dir']}, "
+                           f"this trial's is {run_dir}")
+    last = run_dir / LAST_CHECKPOINT
+    saved = len(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["history"]) \
+        if last.is_file() else None
+    if saved is None and not (run_dir / "metrics.json").is_file():
+        raise RuntimeError(f"{run_dir}: Tune checkpoint is at epoch {pointer['epoch']} but "
+                           f"the run folder holds no {LAST_CHECKPOINT}; is storage shared "
+                           "by every node?")
+    if saved is not None and saved < pointer["epoch"]:
+        raise RuntimeError(f"{last} holds {saved} epochs, Tune's checkpoint "
+                           f"{pointer['epoch']}: the run folder lost epochs")
+
+
+def _fault_epoch(trial: Trial, run_dir: Path) -> int | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    key, _, epoch = spec.partition("@")
+    if key != trial.key or (run_dir / ".fault-injected").exists():
+        return None
+    return int(epoch)

@@ -1,0 +1,90 @@
+"""A real two-node Ray cluster on loopback for the sweep tests, started with `ray start`.
+
+Every Ray process gets an environment that keeps its traffic on this machine:
+
+- every process runs with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and node address
+  127.0.0.1 (Ray otherwise swaps in the machine's network address; its servers listen on
+  loopback only when their node address is exactly 127.0.0.1);
+- the second node joins through ``ray_start_loopback.py``: Ray's own ``ray start``, with
+  only its Windows/macOS guard against joining in that mode lifted;
+- the dashboard's start-up probe of cloud metadata services goes to a closed loopback
+  port (HTTP proxy variables, loopback exempt);
+- token authentication is on, with a token file of the test's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+LOOPBACK = "127.0.0.1,localhost,::1"
+BIN = Path(sys.executable).parent
+START_LOOPBACK_NODE = Path(__file__).with_name("ray_start_loopback.py")
+
+
+def ray_env(tmp: Path, token_path: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    closed = "http://127.0.0.1:9"
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        http_proxy=closed, HTTP_PROXY=closed, https_proxy=closed, HTTPS_PROXY=closed,
+        no_proxy=LOOPBACK, NO_PROXY=LOOPBACK,
+        RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+        TMPDIR=str(tmp),
+    )
+    return env
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str  # HOST:PORT, for --address
+    dashboard: str  # http://HOST:PORT, for ray job submit
+    env: dict[str, str]  # environment of drivers and CLI calls
+    temp_dir: Path
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def node_ids(self) -> set[str]:
+        listed = self.ray("list", "nodes", "--address", self.dashboard, "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        return {node["node_id"] for node in json.loads(listed.stdout)
+                if node["state"] == "ALIVE"}
+
+
+def start_cluster(tmp: Path, port: int = 6390, dashboard_port: int = 8290) -> RayCluster:
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
+    env = ray_env(tmp, token)
+    head_temp = tmp / "head"
+    cluster = RayCluster(f"{HOST}:{port}", f"http://{HOST}:{dashboard_port}", env, head_temp)
+    head = cluster.ray("start", "--head", "--node-ip-address", HOST, "--port", str(port),
+                       "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
+                       "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(head_temp),
+                       "--disable-usage-stats")
+    assert head.returncode == 0, head.stdout + head.stderr
+    worker = subprocess.run(
+        [sys.executable, str(START_LOOPBACK_NODE), "start", "--address", cluster.gcs_address,
+         "--node-ip-address", HOST, "--num-cpus", "1", "--num-gpus", "0",
+         "--node-manager-port", str(port + 111), "--object-manager-port", str(port + 112),
+         "--dashboard-agent-listen-port", str(port + 113),
+         "--metrics-export-port", str(port + 114), "--runtime-env-agent-port", str(port + 115),
+         "--min-worker-port", str(port + 200), "--max-worker-port", str(port + 299),
+         "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    return cluster
+
+
+def stop_cluster(cluster: RayCluster) -> None:
+    cluster.ray("stop", "--force", timeout=60)
