@@ -34,7 +34,8 @@ FAULT_ENV = "MEDSSL_SWEEP_FAULT"
 @dataclass
 class TrialResources:
     """What one trial asks of a Ray node. ``gpu`` may be a fraction (0.25: four trials
-    share a GPU, each capped to a quarter of its memory)."""
+    share a GPU, each capped to a quarter of its memory); a fine-tuning run uses one
+    device, so more than one GPU per trial would sit idle."""
 
     cpu: float = 1.0
     gpu: float = 0.0
@@ -42,9 +43,9 @@ class TrialResources:
     def __post_init__(self) -> None:
         if not self.cpu > 0:
             raise ValueError(f"cpu must be > 0, got {self.cpu}")
-        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
-            raise ValueError(f"gpu must be a fraction in [0, 1] or a whole number, "
-                             f"got {self.gpu}")
+        if not 0 <= self.gpu <= 1:
+            raise ValueError(f"gpu must lie in [0, 1] (a trial trains on one "
+                             f"device; 0.25 packs four trials on a GPU), got {self.gpu}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -61,7 +62,28 @@ class RayCluster:
                 if node["state"] == "ALIVE"}
 
 
-def start_cluster(tmp: Path, port: int = 6390, dashboard_port: int = 8290) -> RayCluster:
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+def _port_base() -> int:
+    """A base port whose cluster ports (below the ephemeral range) are all free."""
+    for base in range(6390, 16390, 500):
+        if _ports_free([base, base + 1, base + 2, *range(base + 111, base + 116),
+                        *range(base + 200, base + 300)]):
+            return base
+    raise RuntimeError("no free port range for a test Ray cluster")
+
+
+def start_cluster(tmp: Path) -> RayCluster:
+    port = _port_base()
+    dashboard_port = port + 1
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(16))
     token.chmod(0o600)
@@ -70,6 +92,7 @@ def start_cluster(tmp: Path, port: int = 6390, dashboard_port: int = 8290) -> Ra
     cluster = RayCluster(f"{HOST}:{port}", f"http://{HOST}:{dashboard_port}", env, head_temp)
     head = cluster.ray("start", "--head", "--node-ip-address", HOST, "--port", str(port),
                        "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
+                       "--ray-client-server-port", str(port + 2),
                        "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(head_temp),
                        "--disable-usage-stats")
     assert head.returncode == 0, head.stdout + head.stderr
