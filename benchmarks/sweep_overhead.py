@@ -17,7 +17,7 @@ a trial ends when its ``metrics.json`` (written last) is written; a Ray trial be
 ``wall_seconds`` (``sweep_trial.json``, timed inside the trial) before that; in the plain
 loop a trial begins when the previous one ended. "training" is the run's own per-epoch
 ``seconds`` (train + validation); a trial's wall time adds loading the data, building the
-U-Net, testing and writing its outputs. Example (CPU, 2 cores, about 3 minutes)::
+U-Net, testing and writing its outputs. Example (CPU, 2 cores, under 2 minutes)::
 
     python benchmarks/sweep_overhead.py --work /tmp/medssl-sweep --json /tmp/sweep.json
 
@@ -246,7 +246,7 @@ def print_table(variants: list[Variant], trials: int) -> None:
           "load before/after |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
-        between = f"{v.between_trials_s:.1f}" if v.concurrent == 1 else ""
+        between = f"{round(v.between_trials_s, 1) + 0.0:.1f}" if v.concurrent == 1 else ""
         print(f"| {v.name} | {v.concurrent} x {v.cpus_per_trial} | {v.wall_s:.1f} | "
               f"{v.to_first_trial_s:.1f} | {v.trial_wall_s:.1f} | {v.trial_setup_s:.1f} | "
               f"{v.training_s:.1f} | {between} | {v.after_last_trial_s:.1f} | "

@@ -10,6 +10,7 @@ Tune again, and one that Tune re-runs finds its folder complete and trains nothi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ def run_sweep(config: SweepConfig, address: str | None = None,
     # Every path is absolute by now. Under `ray job submit` the driver starts in Ray's
     # copy of the working directory, which Ray may delete while the sweep still runs
     # (seen with Ray 2.60 once trial workers exit); the sweep folder stays.
+    previous = os.getcwd()
     os.chdir(config.sweep_dir)
     where = _connect(address, num_cpus)
     import ray
@@ -74,6 +76,8 @@ def run_sweep(config: SweepConfig, address: str | None = None,
         return SweepOutcome(results, write_results(config, results), where)
     finally:
         ray.shutdown()
+        with contextlib.suppress(OSError):  # Ray's copy may be gone (see above)
+            os.chdir(previous)
 
 
 def _connect(address: str | None, num_cpus: int | None) -> str:
@@ -98,7 +102,7 @@ def _fit(config: SweepConfig, trials: list[Trial], todo: list[Trial]) -> None:
                                                 "gpu": config.resources.gpu})
     # One Tune experiment per grid: a changed config never restores another's state.
     experiment = config.sweep_dir / TUNE_FOLDER / f"grid-{fingerprint(config)}"
-    console = SweepConsole(len(trials), config.table_every, config.max_failures)
+    console = SweepConsole(len(trials), len(todo), config.table_every, config.max_failures)
     if tune.Tuner.can_restore(str(experiment)):
         print(f"continuing Tune experiment {experiment}", flush=True)
         # (its console callback comes back with the experiment and restarts its clock)

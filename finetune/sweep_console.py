@@ -38,9 +38,10 @@ class SweepConsole(Callback):
     """Tune callback printing trial events and, every ``table_every`` seconds and at the
     end, a table of running, finished and failed trials."""
 
-    def __init__(self, total: int, table_every: float = 60.0, max_failures: int = 0,
-                 stream: TextIO | None = None) -> None:
-        self.total = total
+    def __init__(self, total: int, to_run: int, table_every: float = 60.0,
+                 max_failures: int = 0, stream: TextIO | None = None) -> None:
+        self.total = total  # trials in the sweep
+        self.to_run = to_run  # trials handed to Tune (it creates them as slots free up)
         self.table_every = table_every
         self.max_failures = max_failures
         self._stream = stream  # None: this process's stdout (Tune pickles the callback)
@@ -78,7 +79,7 @@ class SweepConsole(Callback):
         dice_text = f"test Dice {dice:.3f}" if isinstance(dice, float) else "test Dice n/a"
         done = sum(t.status == "TERMINATED" or t is trial for t in trials)
         self._print(f"done     {_key(trial)}: {dice_text}, {result.get('epoch', '?')} epochs "
-                    f"({done}/{len(trials)} done)")
+                    f"({done}/{max(len(trials), self.to_run)} done)")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.table_every > 0 and time.monotonic() - self.last_table >= self.table_every:
@@ -91,10 +92,11 @@ class SweepConsole(Callback):
     def table(self, trials: list) -> str:
         """Counts per state, then one row per running or failed trial."""
         counts = Counter(t.status for t in trials)
-        lines = [f"trials: {counts.get('RUNNING', 0)} running, "
-                 f"{counts.get('PENDING', 0)} pending, {counts.get('TERMINATED', 0)} finished, "
-                 f"{counts.get('ERROR', 0)} failed (of {len(trials)} scheduled here, "
-                 f"{self.total} in the sweep)"]
+        scheduled = max(len(trials), self.to_run)
+        waiting = counts.get("PENDING", 0) + scheduled - len(trials)
+        lines = [f"trials: {counts.get('RUNNING', 0)} running, {waiting} pending, "
+                 f"{counts.get('TERMINATED', 0)} finished, {counts.get('ERROR', 0)} failed "
+                 f"(of {scheduled} run here, {self.total} in the sweep)"]
         rows = [t for t in trials if t.status in ("RUNNING", "ERROR")]
         if rows:
             lines.append(f"  {'trial':<40} {'state':<8} {'epoch':>5} {'val Dice':>8}")

@@ -14,6 +14,7 @@ Every Ray process gets an environment that keeps its traffic on this machine:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -49,7 +50,7 @@ class RayCluster:
     gcs_address: str  # HOST:PORT, for --address
     dashboard: str  # http://HOST:PORT, for ray job submit
     env: dict[str, str]  # environment of drivers and CLI calls
-    temp_dir: Path
+    temp_dir: Path  # holds each node's own Ray temp folder
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True,
@@ -89,7 +90,7 @@ def start_cluster(tmp: Path) -> RayCluster:
     token.chmod(0o600)
     env = ray_env(tmp, token)
     head_temp = tmp / "head"
-    cluster = RayCluster(f"{HOST}:{port}", f"http://{HOST}:{dashboard_port}", env, head_temp)
+    cluster = RayCluster(f"{HOST}:{port}", f"http://{HOST}:{dashboard_port}", env, tmp)
     head = cluster.ray("start", "--head", "--node-ip-address", HOST, "--port", str(port),
                        "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
                        "--ray-client-server-port", str(port + 2),
@@ -99,6 +100,7 @@ def start_cluster(tmp: Path) -> RayCluster:
     worker = subprocess.run(
         [sys.executable, str(START_LOOPBACK_NODE), "start", "--address", cluster.gcs_address,
          "--node-ip-address", HOST, "--num-cpus", "1", "--num-gpus", "0",
+         "--temp-dir", str(tmp / "node2"),
          "--node-manager-port", str(port + 111), "--object-manager-port", str(port + 112),
          "--dashboard-agent-listen-port", str(port + 113),
          "--metrics-export-port", str(port + 114), "--runtime-env-agent-port", str(port + 115),
@@ -110,4 +112,17 @@ def start_cluster(tmp: Path) -> RayCluster:
 
 
 def stop_cluster(cluster: RayCluster) -> None:
-    cluster.ray("stop", "--force", timeout=60)
+    """Stop this cluster's processes only (``ray stop`` would stop every Ray instance on
+    the machine): every process naming the cluster's temp folder, whose end also ends
+    the workers its raylets started."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if str(cluster.temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for process in mine:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
