@@ -37,9 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--debug", action="store_true", help="show tracebacks")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
 
-    report = sub.add_parser("report", help="report on every finished run under a folder")
-    report.add_argument("--runs", required=True)
-    report.add_argument("--out", required=True)
+    report = sub.add_parser(
+        "report", help="the study report on a sweep or any folder of run folders",
+        description="Tables, figures, paired tests and headline findings on every run under "
+                    "PATH, as report.html (self-contained) and report.md.")
+    report.add_argument("path", nargs="?", help="a sweep folder or a folder of run folders")
+    report.add_argument("--runs", help=argparse.SUPPRESS)  # the old spelling of PATH
+    report.add_argument("--out", help="output folder (default: PATH/report)")
+    report.add_argument("--baseline", help="initialisation the others are compared with "
+                        "(default: the sweep's baseline, else random)")
+    report.add_argument("--targets", type=float, nargs="+", metavar="DICE",
+                        help="test Dice targets for label efficiency (default: the sweep's "
+                             "label_targets, else 0.5 0.7 0.8)")
+    report.add_argument("--overlays", type=int, default=4,
+                        help="test slices in the prediction grid (0: none)")
 
     demo = sub.add_parser("demo", help="the whole workflow on the synthetic phantom")
     demo.add_argument("--out", default="demo_out")
@@ -70,10 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
-            from finetune.report import collect_runs, write_report
-
-            print(write_report(collect_runs(args.runs), args.out))
-            return 0
+            return _report(args)
         if args.command == "demo":
             from finetune.demo import DemoConfig, run_demo
 
@@ -113,6 +121,24 @@ def _sweep(args: argparse.Namespace) -> int:
     for trial in results.unfinished:
         print(f"  not finished: {trial.key} ({trial.run_dir})", file=sys.stderr)
     print(config.sweep_dir / "results.csv")
-    if outcome.summary is not None:
-        print(outcome.summary.resolve())
+    if outcome.report is not None:
+        print(outcome.report.resolve())
     return 0 if results.complete else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from finetune.report import ReportSettings, build_report
+
+    path = args.path or args.runs
+    if path is None:
+        print("error: give the folder to report on (a sweep or a folder of run folders)",
+              file=sys.stderr)
+        return 2
+    try:
+        page = build_report(path, args.out, ReportSettings(
+            baseline=args.baseline, targets=args.targets, overlays=args.overlays))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(page.resolve())
+    return 0

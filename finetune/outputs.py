@@ -32,6 +32,10 @@ def result_row(metrics: dict[str, Any]) -> dict[str, Any]:
         row[f"test_{key}"] = test.get(key)
     for name, value in (test.get("dice_per_class") or {}).items():
         row[f"test_dice_{name}"] = value
+    summary = test.get("summary") or {}
+    for key, column in (("volume_iou", "test_iou"), ("volume_hd95_mm", "test_hd95_mm")):
+        for name, value in ((summary.get(key) or {}).get("per_class") or {}).items():
+            row[f"{column}_{name}"] = value
     for key, value in convergence.items():
         if key == "epochs_to_dice":
             row.update({f"epochs_to_dice_{target}": epochs for target, epochs in value.items()})

@@ -18,6 +18,7 @@ from typing import Any
 
 from cluster.atomic import atomic_write_text
 from cluster.config import dump_yaml, to_dict
+from finetune.report import ReportSettings
 from finetune.sweep_checks import check_resources, check_sweep
 from finetune.sweep_config import (
     FAULT_ENV,
@@ -36,17 +37,18 @@ TUNE_FOLDER = "tune"
 @dataclass
 class SweepOutcome:
     results: SweepResults
-    summary: Path | None
+    report: Path | None  # report.html, when a trial has finished
     where: str  # the Ray cluster or local instance that ran it
 
 
-def run_sweep(config: SweepConfig, address: str | None = None,
-              num_cpus: int | None = None) -> SweepOutcome:
-    """Run (or continue) the sweep; write results.csv/.parquet and summary.md.
+def run_sweep(config: SweepConfig, address: str | None = None, num_cpus: int | None = None,
+              report: ReportSettings | None = None) -> SweepOutcome:
+    """Run (or continue) the sweep; write results.csv/.parquet and the report.
 
     ``address``: a Ray cluster to join ("auto", "127.0.0.1:6379", ...); None joins the
     cluster of ``RAY_ADDRESS`` (``ray job submit`` sets it) or starts a local instance
-    with ``num_cpus`` (default: all of this machine's).
+    with ``num_cpus`` (default: all of this machine's). ``report``: the title and notes of
+    the study report written at the end.
     """
     trials = plan_trials(config)
     check_sweep(config)
@@ -55,7 +57,7 @@ def run_sweep(config: SweepConfig, address: str | None = None,
     todo = [trial for trial in trials if finished_metrics(trial) is None]
     if not todo:
         results = gather(trials)
-        return SweepOutcome(results, write_results(config, results),
+        return SweepOutcome(results, write_results(config, results, report),
                             "nothing to run: every trial's run folder is complete")
     # Every path is absolute by now. Under `ray job submit` the driver starts in Ray's
     # copy of the working directory, which Ray may delete while the sweep still runs
@@ -73,7 +75,7 @@ def run_sweep(config: SweepConfig, address: str | None = None,
         results = gather(trials)
         # written before disconnecting: under `ray job submit` the driver's working
         # directory is Ray's, and leaving the cluster may delete it
-        return SweepOutcome(results, write_results(config, results), where)
+        return SweepOutcome(results, write_results(config, results, report), where)
     finally:
         ray.shutdown()
         with contextlib.suppress(OSError):  # Ray's copy may be gone (see above)

@@ -32,6 +32,10 @@ def check_sweep(config: SweepConfig) -> None:
             budget_subset(patients, budget, base.budget_unit, seed=0)
         except ValueError as exc:
             raise ConfigError(f"config key 'budgets': {exc}") from None
+    names = [spec.name for spec in expand_inits(config)]
+    if config.baseline not in names and config.baseline != "random":
+        raise ConfigError(f"config key 'baseline': {config.baseline!r} is not one of the "
+                          f"sweep's inits ({', '.join(names)})")
     for spec in expand_inits(config):
         unet = build_unet(base.arch, 1, manifest.num_classes)
         try:

@@ -65,6 +65,10 @@ class SweepConfig:
     max_failures: int = 2  # retries of a failed trial (each continues from its checkpoint)
     # seconds between the console's tables of running/finished/failed trials
     table_every: float = 60.0
+    # the report's comparisons: every init against this one; label efficiency at these
+    # test Dice targets
+    baseline: str = "random"
+    label_targets: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8])
 
     def __post_init__(self) -> None:
         for key in ("name", "storage", "data"):
@@ -84,6 +88,8 @@ class SweepConfig:
                 raise ValueError(f"{key} lists a value twice: {values}")
         if self.max_concurrent < 0 or self.max_failures < 0:
             raise ValueError("max_concurrent and max_failures must be >= 0")
+        if any(not 0 < t <= 1 for t in self.label_targets):
+            raise ValueError(f"label_targets must lie in (0, 1], got {self.label_targets}")
 
     @property
     def sweep_dir(self) -> Path:

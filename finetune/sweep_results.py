@@ -17,13 +17,13 @@ import pandas as pd
 
 from cluster.atomic import atomic_path, atomic_write_text
 from finetune.outputs import result_row
-from finetune.report import write_report
+from finetune.report import ReportSettings, build_report
 from finetune.sweep_config import TRIAL_FILE, SweepConfig, Trial
 from finetune.train import METRICS_FILE, read_starts
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
-SUMMARY = "summary.md"
+REPORT_FOLDER = "report"
 
 
 @dataclass
@@ -70,9 +70,11 @@ def _row(trial: Trial, metrics: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_results(config: SweepConfig, results: SweepResults) -> Path | None:
-    """``results.csv``, ``results.parquet`` and ``summary.md`` (with its plots) in the sweep
-    folder; returns the summary's path (None when no trial has finished)."""
+def write_results(config: SweepConfig, results: SweepResults,
+                  settings: ReportSettings | None = None) -> Path | None:
+    """``results.csv`` and ``results.parquet`` in the sweep folder, then the study report
+    in ``report/`` (``settings``: its title, notes, ...); returns the report page (None
+    when no trial has finished)."""
     folder = config.sweep_dir
     frame = pd.DataFrame(results.rows)
     buffer = io.StringIO()
@@ -82,12 +84,9 @@ def write_results(config: SweepConfig, results: SweepResults) -> Path | None:
         frame.to_parquet(tmp, index=False)
     if not results.runs:
         return None
-    notes = [f"Sweep `{config.name}`: {len(results.rows)} of "
-             f"{len(results.rows) + len(results.unfinished)} trials finished; one row each "
-             f"in `{RESULTS_CSV}` / `{RESULTS_PARQUET}`."]
-    if results.unfinished:
-        notes += ["", "Not finished (failed beyond `max_failures`, or still to run; "
-                  "re-run the same command to continue them):", ""]
-        notes += [f"- `{trial.key}`" for trial in results.unfinished]
-    return write_report(results.runs, folder, title=f"medssl sweep: {config.name}",
-                        notes=notes, filename=SUMMARY)
+    settings = settings or ReportSettings()
+    settings.notes = [*settings.notes,
+                      f"Sweep `{config.name}`: {len(results.rows)} of "
+                      f"{len(results.rows) + len(results.unfinished)} trials finished; one "
+                      f"row each in `{RESULTS_CSV}` / `{RESULTS_PARQUET}` beside this folder."]
+    return build_report(folder, folder / REPORT_FOLDER, settings)

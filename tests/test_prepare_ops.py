@@ -91,7 +91,8 @@ def test_verify_against_the_source_notices_a_changed_file(phantom_root: Path,
 
 def test_killed_prepare_resumes_without_redoing_finished_patients(phantom_root: Path,
                                                                   tmp_path: Path) -> None:
-    source = _subset(phantom_root, tmp_path, [3, 4, 5, 6, 7, 8])
+    patients = list(range(3, 13))  # enough that a busy machine cannot stage all first
+    source = _subset(phantom_root, tmp_path, patients)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "data_prep", "prepare", "--source", str(source),
                "--out", str(out), "name=phantom", f"image_size={IMAGE_SIZE}",
@@ -110,7 +111,7 @@ def test_killed_prepare_resumes_without_redoing_finished_patients(phantom_root: 
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished = finished_units()
-    assert 2 <= len(finished) < 6
+    assert 2 <= len(finished) < len(patients)
     assert not (out / "manifest.json").exists() and not (out / "shards").exists()
     # Mark one finished unit: if the resumed run reuses it, the mark reaches the manifest.
     meta_path = finished[0] / "meta.json"

@@ -99,8 +99,9 @@ def test_job_submit_runs_every_trial_on_both_nodes(cluster: RayCluster,
     # both nodes ran trials, and each trial's torch threads equal its one-CPU share
     assert set(results["node_id"]) == cluster.node_ids()
     assert set(results["torch_threads"]) == {1}
-    summary = (sweep_dir / "summary.md").read_text()
-    assert "| ssl | 8 |" in summary and (sweep_dir / "dice_vs_budget.png").is_file()
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert "| ssl | 8 |" in report and (sweep_dir / "report" / "report.html").is_file()
+    assert len(pd.read_csv(sweep_dir / "report" / "tables" / "runs.csv")) == 8
     # console: one line per trial event and a closing table, not Tune's result dumps
     assert output.count("start    ") == 8 and output.count("done     ") == 8
     assert "8 finished, 0 failed" in output and "trial_id" not in output

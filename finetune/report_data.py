@@ -1,0 +1,122 @@
+"""The runs a study report is about: read from a sweep folder or any folder of run folders.
+
+A report must not silently drop what did not finish, nor pool runs that cannot be
+compared. Unfinished runs (a metrics file not marked complete, or a sweep trial with no
+metrics at all) are listed; runs of different budget units, datasets or class sets are
+refused with the runs that disagree named.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from finetune.outputs import result_row
+from finetune.train import METRICS_FILE
+
+SWEEP_CONFIG = "sweep.yaml"  # finetune.sweep writes the resolved config under this name
+_SERIES_MEMBER = re.compile(r"-ep(\d+)$")  # an init of a sweep's epochs: series
+
+
+@dataclass
+class Unfinished:
+    run_dir: str
+    why: str
+
+
+@dataclass
+class StudyRuns:
+    """Complete runs as one table (a row each, ``result_row``'s columns plus
+    ``pretrain_epochs``) and as their metrics, and what did not finish."""
+
+    frame: pd.DataFrame
+    metrics: list[dict[str, Any]]
+    unfinished: list[Unfinished] = field(default_factory=list)
+    sweep: dict[str, Any] | None = None  # the sweep's resolved config, when read from one
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metrics[0]["test"]["dice_per_class"]) if self.metrics else []
+
+    @property
+    def data(self) -> str | None:
+        return self.metrics[0]["config"].get("data") if self.metrics else None
+
+
+def load_study(path: str | Path) -> StudyRuns:
+    """Every run under ``path`` (a sweep folder, or any folder holding run folders)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder of runs")
+    sweep_file = path / SWEEP_CONFIG
+    sweep = yaml.safe_load(sweep_file.read_text()) if sweep_file.is_file() else None
+    metrics, unfinished = [], []
+    for metrics_path in sorted(path.rglob(METRICS_FILE)):
+        try:
+            loaded = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{metrics_path}: not a readable metrics file ({exc})") from None
+        if loaded.get("complete"):
+            loaded["run_dir"] = str(metrics_path.parent.resolve())
+            metrics.append(loaded)
+        else:
+            epochs = len(loaded.get("epochs") or [])
+            planned = (loaded.get("config") or {}).get("epochs", "?")
+            unfinished.append(Unfinished(str(metrics_path.parent.resolve()),
+                                         f"stopped after epoch {epochs} of {planned}"))
+    if sweep is not None:
+        unfinished += _missing_trials(sweep, {m["run_dir"] for m in metrics}
+                                      | {u.run_dir for u in unfinished})
+    check_comparable(metrics)
+    frame = pd.DataFrame([_row(m) for m in metrics])
+    return StudyRuns(frame, metrics, unfinished, sweep)
+
+
+def check_comparable(metrics: list[dict[str, Any]]) -> None:
+    """Refuse runs that do not share one budget unit, one dataset and one class set."""
+    for what, key in (("budget units", _unit), ("datasets", _dataset),
+                      ("class sets", _classes)):
+        groups: dict[str, str] = {}
+        for run in metrics:
+            groups.setdefault(key(run), run["run_dir"])
+        if len(groups) > 1:
+            named = "; ".join(f"{value} (e.g. {run_dir})" for value, run_dir in groups.items())
+            raise ValueError(f"the runs mix {what}: {named}; report each on its own")
+
+
+def _unit(run: dict[str, Any]) -> str:
+    return str(run.get("budget_unit", "slices"))
+
+
+def _dataset(run: dict[str, Any]) -> str:
+    data = (run.get("config") or {}).get("data")
+    return str(Path(data).resolve()) if data else "(unknown)"
+
+
+def _classes(run: dict[str, Any]) -> str:
+    return ", ".join((run.get("test") or {}).get("dice_per_class") or {})
+
+
+def _row(metrics: dict[str, Any]) -> dict[str, Any]:
+    row = result_row(metrics)
+    match = _SERIES_MEMBER.search(str(row["init"]))
+    row["pretrain_epochs"] = float(match.group(1)) if match else float("nan")
+    return row
+
+
+def _missing_trials(sweep: dict[str, Any], seen: set[str]) -> list[Unfinished]:
+    """The sweep's planned trials with no metrics file at all."""
+    from finetune.sweep_config import load_sweep_config, plan_trials
+
+    try:
+        trials = plan_trials(load_sweep_config(sweep))
+    except ValueError:  # the sweep's inits moved since: its run folders still count
+        return []
+    return [Unfinished(t.run_dir, "never started (no metrics.json)") for t in trials
+            if t.run_dir not in seen]

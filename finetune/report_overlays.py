@@ -1,0 +1,101 @@
+"""The report's qualitative grid: a few test slices, their ground truth, and each
+initialisation's prediction at the smallest label budget, where they differ most.
+
+Each initialisation is represented by its run of the lowest seed at that budget (its
+best-validation weights, ``best.safetensors``); the slices are the test slices with the
+most foreground, so every class shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import safetensors.torch
+import torch
+
+from cluster.atomic import atomic_path
+from finetune.data import load_slices
+from finetune.model import build_unet
+from finetune.overlays import CLASS_COLOURS
+from finetune.report_figures import Palette
+from finetune.train import BEST_WEIGHTS, predict
+
+
+def overlay_grid(metrics: list[dict[str, Any]], palette: Palette, path: Path,
+                 slices: int = 4) -> Path | None:
+    """Write the grid; None (nothing written) when the dataset or weights are gone."""
+    lowest = min(run["budget"] for run in metrics)
+    chosen: dict[str, dict[str, Any]] = {}
+    for run in sorted(metrics, key=lambda r: r["seed"]):
+        if run["budget"] == lowest:
+            chosen.setdefault(run["init"], run)
+    inits = [init for init in palette.order if init in chosen]
+    data = chosen[inits[0]]["config"]["data"]
+    if not Path(data).is_dir() or not all(
+            (Path(chosen[i]["run_dir"]) / BEST_WEIGHTS).is_file() for i in inits):
+        return None
+    test = load_slices(data, "test")
+    picked = _most_foreground(test.masks, test.volumes, slices)
+    class_names = list(chosen[inits[0]]["test"]["dice_per_class"])
+    predictions = {init: _predict(chosen[init], test.images[picked], len(class_names) + 1)
+                   for init in inits}
+    columns = 2 + len(inits)
+    figure, axes = plt.subplots(len(picked), columns, figsize=(2.2 * columns,
+                                                               2.3 * len(picked)),
+                                squeeze=False)
+    for row, index in enumerate(picked.tolist()):
+        image = test.images[index, 0].numpy()
+        panels = [("image", None), ("ground truth", test.masks[index].numpy())]
+        panels += [(f"{init} (seed {chosen[init]['seed']})", predictions[init][row].numpy())
+                   for init in inits]
+        for ax, (title, labels) in zip(axes[row], panels):
+            ax.imshow(image, cmap="gray")
+            if labels is not None:
+                _contours(ax, labels, len(class_names) + 1)
+            if row == 0:
+                colour = palette.colour(title.split(" (")[0]) if title.split(" (")[0] in \
+                    palette.order else "black"
+                ax.set_title(title, fontsize=8, color=colour)
+            ax.axis("off")
+        axes[row][0].text(-0.05, 0.5, test.volumes[index], transform=axes[row][0].transAxes,
+                          rotation=90, ha="right", va="center", fontsize=7)
+    handles = [plt.Line2D([], [], color=CLASS_COLOURS[k % len(CLASS_COLOURS)], label=name)
+               for k, name in enumerate(class_names, start=1)]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    figure.suptitle(f"Test slices at the smallest budget ({lowest}): predictions per "
+                    "initialisation", fontsize=10)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _most_foreground(masks: torch.Tensor, volumes: list[str], count: int) -> torch.Tensor:
+    """The slices with the most foreground, one per volume first (different patients and
+    frames show more than neighbouring slices of one volume), then the next best."""
+    order = torch.argsort((masks > 0).flatten(1).sum(1), descending=True).tolist()
+    seen: set[str] = set()
+    first = [i for i in order if volumes[i] not in seen and not seen.add(volumes[i])]
+    rest = [i for i in order if i not in set(first)]
+    return torch.tensor((first + rest)[:count])
+
+
+def _predict(run: dict[str, Any], images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    model = build_unet(run["arch"], images.shape[1], num_classes)
+    state = safetensors.torch.load_file(str(Path(run["run_dir"]) / BEST_WEIGHTS))
+    model.load_state_dict(state)
+    return predict(model, images, torch.device("cpu"), batch_size=len(images))
+
+
+def _contours(ax: plt.Axes, labels: np.ndarray, num_classes: int) -> None:
+    for class_id in range(1, num_classes):
+        if (labels == class_id).any():
+            ax.contour(labels == class_id, levels=[0.5],
+                       colors=[CLASS_COLOURS[class_id % len(CLASS_COLOURS)]], linewidths=1)

@@ -1,0 +1,181 @@
+"""The study report end to end on hand-made metrics files with known values: every table
+entry, speed-up, label count and test statistic checked against direct computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from cluster.config import to_dict
+from finetune.cli import main
+from finetune.config import FinetuneConfig
+from finetune.convergence import convergence_metrics
+from finetune.report import ReportSettings, build_report
+
+CLASSES = ("RV", "MYO", "LV")
+SEEDS = range(8)
+BUDGETS = (10, 100)
+# test Dice per (init, budget): baseline random; "ssl" better by a seed-dependent margin
+BASE_DICE = {10: 0.6, 100: 0.8}
+
+
+def _dice(init: str, budget: int, seed: int) -> float:
+    value = BASE_DICE[budget] + 0.01 * seed / 10
+    return value + (0.05 + 0.002 * seed if init == "ssl" else 0.0)
+
+
+def _epochs_to_best(init: str, seed: int) -> int:
+    return 4 + seed % 3 if init == "ssl" else 8 + seed % 4  # ssl converges ~2x faster
+
+
+def _metrics(folder: Path, init: str, budget: int, seed: int, data: str = "/data/x",
+             classes: tuple[str, ...] = CLASSES, unit: str = "slices",
+             complete: bool = True) -> None:
+    best = _dice(init, budget, seed)
+    rise = _epochs_to_best(init, seed)
+    curve = [best * min(1.0, (e + 1) / rise) for e in range(12)]
+    steps = [10 * (e + 1) for e in range(12)]
+    seconds = [2.0 * (e + 1) for e in range(12)]
+    per_class = {name: best + 0.01 * k for k, name in enumerate(classes)}
+    test = {"dice": best, "iou": best - 0.1, "hd95_mm": 10.0 - 10 * best,
+            "dice_per_class": per_class,
+            "summary": {"volume_iou": {"per_class": {n: v - 0.1 for n, v in per_class.items()}},
+                        "volume_hd95_mm": {"per_class": {n: 5.0 for n in classes}}}}
+    config = to_dict(FinetuneConfig(data=data, out=str(folder), init=init, budget=budget,
+                                    seed=seed, budget_unit=unit))
+    run_dir = folder / init / f"budget{budget:05d}" / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    metrics = {
+        "init": init, "arch": "resnet18", "budget": budget, "budget_unit": unit,
+        "train_slices": budget, "init_chain": [], "seed": seed,
+        "epochs": [{"epoch": e + 1, "step": steps[e], "seconds": seconds[e],
+                    "val_dice": curve[e]} for e in range(12)],
+        "convergence": convergence_metrics(curve, steps, seconds, [0.5, 0.7]),
+        "test": test if complete else None, "complete": complete, "run_dir": str(run_dir),
+        "config": config,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    folder = tmp_path / "runs"
+    for init in ("random", "ssl"):
+        for budget in BUDGETS:
+            for seed in SEEDS:
+                _metrics(folder, init, budget, seed)
+    _metrics(folder, "ssl", 10, 99, complete=False)  # an unfinished run
+    return folder
+
+
+def _table(report: Path, name: str) -> pd.DataFrame:
+    csv = pd.read_csv(report / "tables" / f"{name}.csv")
+    parquet = pd.read_parquet(report / "tables" / f"{name}.parquet")
+    # CSV cannot tell an empty string from a missing value
+    pd.testing.assert_frame_equal(csv, parquet.replace({"": np.nan}), check_dtype=False)
+    return csv
+
+
+def test_every_number_equals_a_direct_computation(runs: Path) -> None:
+    page = build_report(runs, settings=ReportSettings(overlays=0, targets=[0.65, 0.95]))
+    report = page.parent
+    accuracy = _table(report, "accuracy").set_index(["init", "budget", "metric"])
+    for init in ("random", "ssl"):
+        for budget in BUDGETS:
+            values = np.array([_dice(init, budget, s) for s in SEEDS])
+            row = accuracy.loc[(init, budget, "test_dice")]
+            assert math.isclose(row["mean"], values.mean())
+            assert math.isclose(row["std"], values.std(ddof=1))
+            assert row["n"] == len(SEEDS)
+            assert row["ci_low"] <= values.mean() <= row["ci_high"]
+            lv = accuracy.loc[(init, budget, "test_dice_LV")]
+            assert math.isclose(lv["mean"], values.mean() + 0.02)
+            assert math.isclose(accuracy.loc[(init, budget, "test_iou_MYO")]["mean"],
+                                values.mean() + 0.01 - 0.1)
+
+    speed = _table(report, "speedup")
+    epochs = speed[speed["measure"] == "epochs_to_95pct"].set_index(["init", "budget"])
+    runs_table = _table(report, "runs").set_index(["init", "budget", "seed"])
+    for budget in BUDGETS:
+        ratios = [runs_table.loc[("random", budget, s)]["epochs_to_95pct"]
+                  / runs_table.loc[("ssl", budget, s)]["epochs_to_95pct"] for s in SEEDS]
+        assert math.isclose(epochs.loc[("ssl", budget)]["median_ratio"], np.median(ratios))
+        assert epochs.loc[("ssl", budget)]["n_pairs"] == len(SEEDS)
+
+    tests = _table(report, "tests")
+    dice_tests = tests[tests["metric"] == "test_dice"].set_index("budget")
+    for budget in BUDGETS:
+        differences = [_dice("ssl", budget, s) - _dice("random", budget, s) for s in SEEDS]
+        expected = stats.wilcoxon(differences, alternative="two-sided").pvalue
+        row = dice_tests.loc[budget]
+        assert math.isclose(row["p"], expected)
+        assert math.isclose(row["median_difference"], np.median(differences))
+        # one comparison per budget and metric: Holm leaves p as it is
+        assert math.isclose(row["p_holm"], expected) and bool(row["significant"])
+
+    # label efficiency on the mean curves: 0.65 lies between the budgets for random
+    labels = _table(report, "label_efficiency").set_index(["init", "target"])
+    means = {init: [np.mean([_dice(init, b, s) for s in SEEDS]) for b in BUDGETS]
+             for init in ("random", "ssl")}
+    fraction = (0.65 - means["random"][0]) / (means["random"][1] - means["random"][0])
+    expected_labels = math.exp(math.log(10) + fraction * (math.log(100) - math.log(10)))
+    assert math.isclose(labels.loc[("random", 0.65)]["labels"], expected_labels)
+    assert labels.loc[("ssl", 0.65)]["status"] == "at or below the smallest budget"
+    assert labels.loc[("random", 0.95)]["status"] == "not reached"
+
+    text = (report / "report.md").read_text()
+    html = (report / "report.html").read_text()
+    # findings: supported claims only, with the numbers they rest on
+    assert re.search(r"\*\*ssl\*\* has a higher test Dice than random at 10 slices "
+                     r"\(median \+0\.05\d; p = 0\.0078, 8 pairs\)", text)
+    assert "**ssl** reaches 95% of its best validation Dice faster than random" in text
+    assert "lower test Dice" not in text
+    # the unfinished run is listed, not dropped silently
+    assert "stopped after epoch 12 of 150" in text and "seed99" in text
+    # one content, two pages; the HTML needs nothing from outside
+    for sentence in re.findall(r"^- (.+)$", text.split("## Findings")[1].split("##")[0],
+                               flags=re.M):
+        plain = sentence.replace("**", "")
+        assert plain.split(" (")[0].replace("&", "&amp;") in re.sub(r"</?strong>", "", html)
+    assert "src=\"http" not in html and "href=\"http" not in html
+    assert html.count("data:image/png;base64,") == text.count("](") == 4  # no overlays here
+
+
+def test_too_few_seeds_are_said_not_tested(tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    for init in ("random", "ssl"):
+        for seed in range(3):
+            _metrics(folder, init, 10, seed)
+    page = build_report(folder, settings=ReportSettings(overlays=0))
+    text = page.with_name("report.md").read_text()
+    assert "could not be tested" in text and "higher test Dice" not in text
+    tests = _table(page.parent, "tests")
+    assert tests["p"].isna().all() and not tests["significant"].any()
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"unit": "patients"}, "budget units"),
+    ({"data": "/data/other"}, "datasets"),
+    ({"classes": ("RV", "LV")}, "class sets"),
+])
+def test_runs_that_cannot_be_compared_are_refused(tmp_path: Path, change: dict, named: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "runs"
+    _metrics(folder, "random", 10, 0)
+    _metrics(folder, "ssl", 10, 0, **change)
+    assert main(["report", str(folder), "--overlays", "0"]) == 2
+    error = capsys.readouterr().err
+    assert f"the runs mix {named}" in error and "seed0" in error
+    assert not (folder / "report").exists()
+
+
+def test_a_missing_baseline_is_an_error(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(runs), "--baseline", "imagenet", "--overlays", "0"]) == 2
+    assert "baseline 'imagenet' is not among" in capsys.readouterr().err
