@@ -14,6 +14,7 @@ from typing import Any
 
 from cluster.atomic import atomic_write_json, atomic_write_text
 
+METRICS_FILE = "metrics.json"  # everything about a run; complete once marked so
 ROW_FILE = "row.json"
 EPOCHS_FILE = "epochs.csv"
 _EPOCH_COLUMNS = ("epoch", "step", "seconds", "lr", "encoder_frozen", "train_loss",

@@ -23,7 +23,6 @@ from finetune import report_figures as figures
 from finetune import report_findings as findings
 from finetune import report_stats as stats
 from finetune.report_data import StudyRuns, load_study
-from finetune.report_overlays import overlay_grid
 from finetune.report_page import Block, Bullets, Figure, Heading, Paragraph, Table, write_pages
 
 DEFAULT_TARGETS = (0.5, 0.7, 0.8)
@@ -168,6 +167,8 @@ def _page(study: StudyRuns, tables: dict[str, pd.DataFrame], baseline: str,
                    Table(_length_view(tables["pretraining_length"]),
                          "Mean over seeds [95% bootstrap interval] (n); no trend test.")]
     if settings.overlays:
+        from finetune.report_overlays import overlay_grid  # torch and the U-Net: only here
+
         grid = overlay_grid(study.metrics, palette, out / "overlays.png", settings.overlays)
         blocks += [Heading("Predictions at the smallest budget")]
         blocks += [Figure(grid, "Test slices with the most foreground: image, ground truth and "

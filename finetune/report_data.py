@@ -17,8 +17,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from finetune.outputs import result_row
-from finetune.train import METRICS_FILE
+from finetune.outputs import METRICS_FILE, result_row
 
 SWEEP_CONFIG = "sweep.yaml"  # finetune.sweep writes the resolved config under this name
 _SERIES_MEMBER = re.compile(r"-ep(\d+)$")  # an init of a sweep's epochs: series

@@ -20,7 +20,7 @@ from matplotlib import ticker
 
 from cluster.atomic import atomic_path
 
-_MARKERS = "osD^vP*Xh<>"
+_MARKERS = "osDPX*hpd8"  # no triangles: labels_needed uses them for bounds
 
 
 class Palette:
@@ -40,6 +40,11 @@ class Palette:
         return self._style[init][1]
 
 
+def amount(count: float, unit: str) -> str:
+    """'1 slice', '30 slices', '1 patient'."""
+    return f"{count:g} {unit.removesuffix('s') if count == 1 else unit}"
+
+
 def budget_axis(axis: matplotlib.axis.Axis, budgets: Sequence[float]) -> None:
     """A log axis labelled with the sweep's own budgets in plain numbers."""
     axis.set_major_locator(ticker.FixedLocator(sorted(set(budgets))))
@@ -47,9 +52,15 @@ def budget_axis(axis: matplotlib.axis.Axis, budgets: Sequence[float]) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def plain_log_axis(axis: matplotlib.axis.Axis) -> None:
-    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.set_minor_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+def ratio_axis(axis: matplotlib.axis.Axis, values: np.ndarray) -> None:
+    """A log axis of ratios ticked at powers of two around 1 (0.5x, 1x, 2x, 4x ...)."""
+    finite = values[np.isfinite(values) & (values > 0)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.5, 2.0)
+    exponents = range(int(np.floor(np.log2(min(low, 1.0)))),
+                      int(np.ceil(np.log2(max(high, 1.0)))) + 1)
+    axis.set_major_locator(ticker.FixedLocator([2.0 ** e for e in exponents]))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def save(figure: plt.Figure, path: Path) -> Path:
@@ -63,14 +74,15 @@ def save(figure: plt.Figure, path: Path) -> Path:
 def dice_vs_budget(runs: pd.DataFrame, palette: Palette, unit: str, path: Path) -> Path:
     """Mean test Dice per budget (line) over every seed's value (dots): the spread is
     the data itself, not a model of it."""
-    figure, ax = plt.subplots(figsize=(6.4, 4.2))
-    for init in palette.order:
+    figure, ax = plt.subplots(figsize=(7.2, 4.6))
+    present = [init for init in palette.order if (runs["init"] == init).any()]
+    nudges = np.linspace(-0.04, 0.04, max(len(present), 1))
+    for nudge, init in zip(nudges, present):
         own = runs[runs["init"] == init]
-        if own.empty:
-            continue
         colour, marker = palette.colour(init), palette.marker(init)
-        ax.scatter(own["budget"], own["test_dice"], color=colour, alpha=0.3, s=14,
-                   marker=marker, linewidths=0)
+        # each init's seed dots sit a little beside the budget, so columns do not merge
+        ax.scatter(own["budget"] * 10 ** nudge, own["test_dice"], color=colour, alpha=0.35,
+                   s=14, marker=marker, linewidths=0)
         means = own.groupby("budget")["test_dice"].mean()
         ax.plot(means.index, means.values, color=colour, marker=marker, label=init)
     ax.set_xscale("log")
@@ -79,7 +91,7 @@ def dice_vs_budget(runs: pd.DataFrame, palette: Palette, unit: str, path: Path) 
     ax.set_ylabel("test Dice (volumes, mean over classes)")
     ax.set_title("Accuracy against label budget (line: mean; dots: seeds)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     return save(figure, path)
 
 
@@ -102,16 +114,21 @@ def validation_curves(curves: pd.DataFrame, palette: Palette, unit: str, path: P
             ax.plot(median.index, median.values, color=palette.colour(init), label=init)
             ax.fill_between(median.index, low.values, high.values, color=palette.colour(init),
                             alpha=0.15, linewidth=0)
-        ax.set_title(f"{budget} {unit}")
+        ax.set_title(amount(budget, unit))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("validation Dice")
     for ax in list(axes.flat)[len(budgets):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
     figure.suptitle("Validation Dice (median over seeds, band: inter-quartile range)")
-    return save(figure, path)
+    figure.tight_layout(rect=(0, 0.06 if rows == 1 else 0.035, 1, 1))
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return path
 
 
 def speedups(table: pd.DataFrame, palette: Palette, baseline: str, unit: str,
@@ -133,7 +150,7 @@ def speedups(table: pd.DataFrame, palette: Palette, baseline: str, unit: str,
     ax.set_xscale("log")
     ax.set_yscale("log")
     budget_axis(ax.xaxis, table["budget"])
-    plain_log_axis(ax.yaxis)
+    ratio_axis(ax.yaxis, table[["median_ratio", "ci_low", "ci_high"]].to_numpy(float))
     ax.set_xlabel(f"label budget ({unit}, log scale)")
     ax.set_ylabel(f"× faster than {baseline} (log scale)")
     ax.set_title("Epochs to 95% of best validation Dice: speed-up, median over seeds")
@@ -189,7 +206,7 @@ def labels_needed(table: pd.DataFrame, palette: Palette, unit: str,
 
 def pretraining_length(table: pd.DataFrame, path: Path, unit: str) -> Path:
     """Test Dice and epochs to 95% against pretraining epochs, a line per budget.
-    ``table``: series, pretrain_epochs, budget, dice_mean, epochs_to_95pct_mean."""
+    ``table``: series, pretrain_epochs, budget, test_dice_mean, epochs_to_95pct_mean."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     budgets = sorted(table["budget"].unique())
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(budgets), 1)))
@@ -198,7 +215,7 @@ def pretraining_length(table: pd.DataFrame, path: Path, unit: str) -> Path:
             own = own.sort_values("pretrain_epochs")
             label = f"{budget} {unit}" + (f" ({series})" if table["series"].nunique() > 1
                                           else "")
-            axes[0].plot(own["pretrain_epochs"], own["dice_mean"], marker="o", color=colour,
+            axes[0].plot(own["pretrain_epochs"], own["test_dice_mean"], marker="o", color=colour,
                          label=label)
             axes[1].plot(own["pretrain_epochs"], own["epochs_to_95pct_mean"], marker="o",
                          color=colour, label=label)

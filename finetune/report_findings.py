@@ -11,6 +11,7 @@ import math
 
 import pandas as pd
 
+from finetune.report_figures import amount
 from finetune.report_stats import ESTIMATE, LOWER_BOUND, UPPER_BOUND
 
 
@@ -22,50 +23,75 @@ def _budgets(rows: list[str]) -> str:
     return rows[0] if len(rows) == 1 else ", ".join(rows[:-1]) + " and " + rows[-1]
 
 
+_LISTED = 3  # more supported budgets than this are summarised as a range
+
+
 def speed_findings(tests: pd.DataFrame, speedups: pd.DataFrame, baseline: str,
                    unit: str) -> list[str]:
     """``tests``: paired tests on epochs_to_95pct; ``speedups``: epoch ratios."""
     sentences = []
     ratios = speedups.set_index(["init", "budget"])
     for init, rows in tests[tests["significant"]].groupby("init", sort=True):
-        faster, slower = [], []
-        for row in rows.sort_values("budget").itertuples():
-            ratio = ratios.loc[(init, row.budget)]
-            text = (f"{row.budget} {unit} ({_ratio_text(ratio)}; {_p(row.p_holm)}, "
-                    f"{row.n_pairs} pairs)")
-            (faster if row.median_difference < 0 else slower).append(text)
-        if faster:
-            sentences.append(f"**{init}** reaches 95% of its best validation Dice faster than "
-                             f"{baseline} at {_budgets(faster)}.")
-        if slower:
-            sentences.append(f"**{init}** reaches 95% of its best validation Dice slower than "
-                             f"{baseline} at {_budgets(slower)}.")
+        for direction, chosen in (("faster", rows[rows["median_difference"] < 0]),
+                                  ("slower", rows[rows["median_difference"] > 0])):
+            if chosen.empty:
+                continue
+            chosen = chosen.sort_values("budget")
+            found = ratios.loc[[(init, b) for b in chosen["budget"]]]
+            if len(chosen) > _LISTED:
+                where = _range_text(chosen, tests, init, unit,
+                                    f"speed-up {found['median_ratio'].min():.1f}x–"
+                                    f"{found['median_ratio'].max():.1f}x")
+            else:
+                where = _budgets([
+                    f"{amount(row.budget, unit)} ({_ratio_text(ratios.loc[(init, row.budget)])}"
+                    f"; {_p(row.p_holm)}, {row.n_pairs} pairs)" for row in chosen.itertuples()])
+            sentences.append(f"**{init}** reaches 95% of its best validation Dice {direction} "
+                             f"than {baseline} at {where}.")
     return sentences
+
+
+def _range_text(chosen: pd.DataFrame, tests: pd.DataFrame, init: str, unit: str,
+                effect: str) -> str:
+    """'8 of 10 budgets (1–1498 slices; <effect>, p <= 0.02, 10 pairs each)'."""
+    budgets = chosen["budget"]
+    total = int((tests["init"] == init).sum())
+    pairs = sorted(set(chosen["n_pairs"]))
+    pairs_text = f"{pairs[0]} pairs each" if len(pairs) == 1 else \
+        f"{pairs[0]}–{pairs[-1]} pairs"
+    return (f"{len(chosen)} of {total} budgets ({budgets.min()}–{budgets.max()} {unit}; "
+            f"{effect}; Holm-adjusted p ≤ {chosen['p_holm'].max():.2g}, {pairs_text}; "
+            "per budget in the tables below)")
 
 
 def _ratio_text(ratio: pd.Series) -> str:
     median, low, high = ratio["median_ratio"], ratio["ci_low"], ratio["ci_high"]
     if not math.isfinite(median):
         return "ratio undefined"
-    interval = f" ({low:.1f}–{high:.1f})" if math.isfinite(low) else ""
-    return f"{median:.1f}x{interval} the speed"
+    interval = f", interval {low:.1f}–{high:.1f}" if math.isfinite(low) else ""
+    return f"speed-up {median:.1f}x{interval}"
 
 
 def accuracy_findings(tests: pd.DataFrame, baseline: str, unit: str) -> list[str]:
     """``tests``: paired tests on test_dice."""
     sentences = []
     for init, rows in tests[tests["significant"]].groupby("init", sort=True):
-        higher, lower = [], []
-        for row in rows.sort_values("budget").itertuples():
-            text = (f"{row.budget} {unit} (median {row.median_difference:+.3f}; "
-                    f"{_p(row.p_holm)}, {row.n_pairs} pairs)")
-            (higher if row.median_difference > 0 else lower).append(text)
-        if higher:
-            sentences.append(f"**{init}** has a higher test Dice than {baseline} at "
-                             f"{_budgets(higher)}.")
-        if lower:
-            sentences.append(f"**{init}** has a lower test Dice than {baseline} at "
-                             f"{_budgets(lower)}.")
+        for direction, chosen in (("higher", rows[rows["median_difference"] > 0]),
+                                  ("lower", rows[rows["median_difference"] < 0])):
+            if chosen.empty:
+                continue
+            chosen = chosen.sort_values("budget")
+            if len(chosen) > _LISTED:
+                differences = chosen["median_difference"]
+                where = _range_text(chosen, tests, init, unit,
+                                    f"median difference {differences.min():+.3f} to "
+                                    f"{differences.max():+.3f}")
+            else:
+                where = _budgets([
+                    f"{amount(row.budget, unit)} (median {row.median_difference:+.3f}; "
+                    f"{_p(row.p_holm)}, {row.n_pairs} pairs)" for row in chosen.itertuples()])
+            sentences.append(f"**{init}** has a {direction} test Dice than {baseline} at "
+                             f"{where}.")
     return sentences
 
 
@@ -122,7 +148,7 @@ def pretraining_findings(table: pd.DataFrame, unit: str) -> list[str]:
         rows = rows.sort_values("pretrain_epochs")
         best = rows.loc[rows["test_dice_mean"].idxmax()]
         sentences.append(
-            f"**{series}** at {budget} {unit}: mean test Dice "
+            f"**{series}** at {amount(budget, unit)}: mean test Dice "
             f"{rows['test_dice_mean'].min():.3f}–{rows['test_dice_mean'].max():.3f} across "
             f"{len(rows)} pretraining lengths "
             f"({int(rows['pretrain_epochs'].min())}–{int(rows['pretrain_epochs'].max())} "

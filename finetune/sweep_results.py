@@ -16,10 +16,10 @@ from typing import Any
 import pandas as pd
 
 from cluster.atomic import atomic_path, atomic_write_text
-from finetune.outputs import result_row
+from finetune.outputs import METRICS_FILE, result_row
 from finetune.report import ReportSettings, build_report
 from finetune.sweep_config import TRIAL_FILE, SweepConfig, Trial
-from finetune.train import METRICS_FILE, read_starts
+from finetune.train import read_starts
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"

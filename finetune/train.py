@@ -30,11 +30,10 @@ from finetune.convergence import convergence_metrics
 from finetune.data import SliceSet, load_slices, require_whole_volumes, slice_patients
 from finetune.metrics import SegmentationMetrics
 from finetune.model import build_optimizer, build_unet, initialise_encoder, set_encoder_frozen
-from finetune.outputs import write_outputs
+from finetune.outputs import METRICS_FILE, write_outputs
 from finetune.overlays import save_overlay
 from pretrain.schedules import warmup_cosine
 
-METRICS_FILE = "metrics.json"
 BEST_WEIGHTS = "best.safetensors"
 LAST_CHECKPOINT = "last.pt"
 STARTS_FILE = "starts.jsonl"  # one line per time this run began training (fresh or resumed)

@@ -117,8 +117,14 @@ def stop_cluster(cluster: RayCluster) -> None:
     the workers its raylets started."""
     import psutil
 
-    mine = [p for p in psutil.process_iter(["cmdline"])
-            if str(cluster.temp_dir) in " ".join(p.info["cmdline"] or [])]
+    named = [p for p in psutil.process_iter(["cmdline"])
+             if str(cluster.temp_dir) in " ".join(p.info["cmdline"] or [])]
+    # agents and workers rename themselves ("ray::DashboardAgent"): take every descendant
+    mine = {p.pid: p for p in named}
+    for process in named:
+        with contextlib.suppress(psutil.Error):
+            mine.update({child.pid: child for child in process.children(recursive=True)})
+    mine = list(mine.values())
     for process in mine:
         with contextlib.suppress(psutil.Error):
             process.terminate()

@@ -179,3 +179,18 @@ def test_runs_that_cannot_be_compared_are_refused(tmp_path: Path, change: dict, 
 def test_a_missing_baseline_is_an_error(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(runs), "--baseline", "imagenet", "--overlays", "0"]) == 2
     assert "baseline 'imagenet' is not among" in capsys.readouterr().err
+
+
+def test_a_pretraining_series_gets_its_own_section(tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    for init in ("random", "ssl-ep0001", "ssl-ep0005"):
+        for seed in range(2):
+            _metrics(folder, init, 10, seed)
+    page = build_report(folder, settings=ReportSettings(overlays=0))
+    text = page.with_name("report.md").read_text()
+    assert "## How much pretraining is enough" in text and "](pretraining_length.png)" in text
+    assert "**ssl** at 10 slices: mean test Dice" in text and "(no trend test)" in text
+    length = _table(page.parent, "pretraining_length")
+    assert sorted(length["pretrain_epochs"]) == [1, 5]
+    assert math.isclose(length["test_dice_mean"].iloc[0],
+                        np.mean([_dice("ssl-ep0001", 10, s) for s in range(2)]))

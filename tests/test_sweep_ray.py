@@ -69,9 +69,13 @@ def submitted(cluster: RayCluster, prepared: Path, pretrain_run: Path,
         work / "project", name="tiny", storage=str(work / "storage"), data=str(prepared),
         base=BASE, inits={"random": "random", "ssl": str(pretrain_run / "export")},
         budgets=[4, 8], seeds=[0, 1], resources={"cpu": 1})
-    job = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir",
-                      str(config.parent), "--", sys.executable, "-m", "finetune", "sweep",
-                      "--config", "sweep.yaml", timeout=400)
+    for _ in range(30):  # a fresh head's job agent may not be up yet: Ray says try again
+        job = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir",
+                          str(config.parent), "--", sys.executable, "-m", "finetune", "sweep",
+                          "--config", "sweep.yaml", timeout=400)
+        if "No available agent to submit job" not in job.stderr + job.stdout:
+            break
+        time.sleep(1)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     return work / "storage" / "tiny", job.stdout
 
@@ -165,6 +169,9 @@ def test_killed_driver_resumes_without_training_finished_trials_again(
     assert sorted(results["init"].unique()) == ["random", "ssl-ep0001", "ssl-ep0002"]
     assert sorted(results["pretrain_epochs"].dropna().unique()) == [1, 2]
     assert len(results) == 6 and len(finished()) == 6
+    report = (tmp_path / "storage" / "crash" / "report" / "report.md").read_text()
+    assert "## How much pretraining is enough" in report
+    assert "**ssl** at 4 slices: mean test Dice" in report
     for run_dir, starts in done_before.items():
         assert starts == 1 and len(read_starts(run_dir)) == 1, run_dir
     # a third run trains nothing at all and leaves Ray alone
