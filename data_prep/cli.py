@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cluster.config import ConfigError, load_config
+from cluster.cli_errors import report_input_errors
+from cluster.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,16 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", help="prepared dataset folder (sets out=)")
     prepare.add_argument("--config", help="YAML file of PrepareConfig keys")
     prepare.add_argument("overrides", nargs="*", metavar="key=value")
+    prepare.add_argument("--debug", action="store_true", help="show tracebacks")
 
     verify = sub.add_parser("verify", help="re-read every shard and array, check the manifest")
     verify.add_argument("folder")
     verify.add_argument("--source", help="raw dataset root: also check every source file's "
                         "sha256 against the manifest")
+    verify.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return report_input_errors(lambda: _run(args), getattr(args, "debug", False))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "phantom":
         from data_prep.phantom import PhantomConfig, write_acdc_tree
 
@@ -48,11 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = list(args.overrides)
         overrides += [f"source={args.source}"] if args.source else []
         overrides += [f"out={args.out}"] if args.out else []
-        try:
-            config = load_config(PrepareConfig, args.config, overrides)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        config = load_config(PrepareConfig, args.config, overrides)
         if not config.source or not config.out:
             print("error: both source and out are required", file=sys.stderr)
             return 2

@@ -46,7 +46,8 @@ def convert_patient(source: DatasetSource, patient: SourcePatient, split: str,
         arrays = _convert(source, patient, split, config, meta)
     except DataError as exc:
         if not config.skip_bad:
-            raise
+            raise DataError(f"{exc} (skip_bad=true would leave out patient {patient.name}, "
+                            "record a warning in the manifest and go on)") from None
         meta.update(volumes=[], files={}, source_bytes=0, skipped=str(exc))
         arrays = {}
     # Files a source left out itself (skip_bad) while reading this patient.

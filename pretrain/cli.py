@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cluster.config import ConfigError, load_config
+from cluster.cli_errors import report_input_errors
+from cluster.config import load_config
 from pretrain.config import PretrainConfig
 
 
@@ -23,12 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Export a backbone on demand: python -m pretrain export --help")
     parser.add_argument("--config", help="YAML file of PretrainConfig keys")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parsed = parser.parse_args(args)
-    try:
-        config = load_config(PretrainConfig, parsed.config, parsed.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return report_input_errors(lambda: _pretrain(parsed), parsed.debug)
+
+
+def _pretrain(parsed: argparse.Namespace) -> int:
+    config = load_config(PretrainConfig, parsed.config, parsed.overrides)
     from pretrain.engine import pretrain
 
     result = pretrain(config)

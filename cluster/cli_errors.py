@@ -1,0 +1,28 @@
+"""One way for every command to answer bad input: one ``error:`` line and exit status 2.
+
+Input errors in this project are ``ValueError`` (``ConfigError``, ``DataError``, encoder
+mismatches ...) or ``FileNotFoundError``, each with a message naming the file or key; a
+traceback adds nothing for the user and hides that line. Anything else is a program bug
+and keeps its traceback. ``--debug`` shows the traceback of input errors too. Under
+torchrun only rank 0 prints, so a multi-rank run shows the message once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def report_input_errors(command: Callable[[], int], debug: bool = False) -> int:
+    """Run ``command``; an input error becomes one line on stderr and exit status 2."""
+    try:
+        return command()
+    except INPUT_ERRORS as exc:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
