@@ -235,3 +235,30 @@ def test_inplane_resampling_to_a_target_spacing(phantom_root: Path, tmp_path: Pa
             assert set(np.unique(sample.mask)) <= {0, 1, 2, 3}
     assert manifest.extra["config"]["target_spacing"] == list(target)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["channels"] == 1
+
+
+def test_pool_workers_die_with_a_killed_prepare(phantom_root: Path, tmp_path: Path) -> None:
+    import psutil
+
+    source = _subset(phantom_root, tmp_path, list(range(3, 13)))
+    command = [sys.executable, "-m", "data_prep", "prepare", "--source", str(source),
+               "--out", str(tmp_path / "out"), "name=phantom", f"image_size={IMAGE_SIZE}",
+               "workers=2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    workers: list[psutil.Process] = []
+    while len(workers) < 2 and process.poll() is None:  # the two pool workers (and tracker)
+        assert time.monotonic() < deadline, "prepare started no pool in 120 s"
+        workers = [p for p in parent.children(recursive=True) if "spawn_main" in
+                   " ".join(p.cmdline())]
+        time.sleep(0.05)
+    assert process.poll() is None, "prepare finished before its pool could be seen"
+    children = parent.children(recursive=True)
+    process.kill()  # SIGKILL: no cleanup code runs in the parent
+    process.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for survivor in alive:  # do not leave them behind if the test fails
+        survivor.kill()
+    assert alive == [], [p.pid for p in alive]
