@@ -98,6 +98,9 @@ def prepare_dataset(config: PrepareConfig, progress: bool = True) -> Manifest:
     claim_staging(staging, _identity(to_dict(config), staging=True))
     todo = [p for p in patients if not _staged_and_current(unit_path(staging, p.name),
                                                            Path(config.source))]
+    if len(todo) < len(patients):  # a resumed preparation says what it reuses
+        print(f"resuming {out}: {len(patients) - len(todo)} of {len(patients)} patients "
+              f"already staged, converting the other {len(todo)}", flush=True)
     convert_all(source, todo, split_of, config, staging, progress)
     units = [(unit_path(staging, p.name), read_unit_meta(unit_path(staging, p.name)))
              for p in patients]

@@ -91,6 +91,8 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
         optimizer.load_state_dict(resumed["optimizer"])
         history, step, elapsed = resumed["history"], resumed["step"], resumed["elapsed"]
         best_dice = max((h["val_dice"] for h in history), default=-1.0)
+        print(f"resuming from {run_dir / LAST_CHECKPOINT}: epoch {len(history) + 1} of "
+              f"{config.epochs}, step {step} of {total_steps}", flush=True)
     run = {"train_slices": len(subset), "init_chain": init_chain}
     write_run_info(run_dir, config, run)
     _log_start(run_dir, len(history), start_context)

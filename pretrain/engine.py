@@ -99,6 +99,10 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         first_step = _resume_step(checkpoint, plan)
         saved_stretches = checkpoint.get(STRETCHES_KEY, [])
         restore_rng(checkpoint.get("rng", []), dist.rank, dist.world_size)
+        if dist.is_main:  # a resumed run says so, progress bars or not
+            print(f"resuming from {run_dir / 'checkpoints' / 'last.pt'}: epoch "
+                  f"{min(start_epoch + 1, config.optim.epochs)} of {config.optim.epochs}, "
+                  f"step {step} of {total_steps}", flush=True)
     method = backend.method
 
     writer = None

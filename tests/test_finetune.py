@@ -88,7 +88,8 @@ def test_short_finetune_produces_complete_curves_and_outputs(
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-        prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """On CPU a run is deterministic for its seed: one killed in epoch 3 and resumed
     ends exactly where an uninterrupted one does."""
     def fine_tune(out: Path) -> dict:
@@ -114,8 +115,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     assert len(partial["epochs"]) == 2 and not partial["complete"]
     calls.clear()
     fail_at[0] = 0  # never again
+    capsys.readouterr()
     resumed = fine_tune(tmp_path / "resumed")
     assert len(calls) == 2  # resumed in epoch 3: its validation, then the test split
+    assert f"resuming from {tmp_path / 'resumed' / 'last.pt'}: epoch 3 of 3" in \
+        capsys.readouterr().out
 
     def curve(metrics: dict) -> list[tuple]:
         return [(e["train_loss"], e["val_dice"], e["step"]) for e in metrics["epochs"]]

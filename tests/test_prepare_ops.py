@@ -89,8 +89,8 @@ def test_verify_against_the_source_notices_a_changed_file(phantom_root: Path,
     assert any("Info.cfg: source file missing" in p for p in problems)
 
 
-def test_killed_prepare_resumes_without_redoing_finished_patients(phantom_root: Path,
-                                                                  tmp_path: Path) -> None:
+def test_killed_prepare_resumes_without_redoing_finished_patients(
+        phantom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     patients = list(range(3, 13))  # enough that a busy machine cannot stage all first
     source = _subset(phantom_root, tmp_path, patients)
     out = tmp_path / "out"
@@ -118,7 +118,10 @@ def test_killed_prepare_resumes_without_redoing_finished_patients(phantom_root: 
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "source_bytes": meta["source_bytes"] + 1}))
 
+    capsys.readouterr()
     resumed = prepare_dataset(_config(source, out, workers=1), progress=False)
+    assert (f"resuming {out}: {len(finished)} of {len(patients)} patients already staged"
+            in capsys.readouterr().out)
     clean = prepare_dataset(_config(source, tmp_path / "clean", workers=2), progress=False)
     assert resumed.counts["source_bytes"] == clean.counts["source_bytes"] + 1
     assert _shard_digests(out) == _shard_digests(tmp_path / "clean")

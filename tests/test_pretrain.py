@@ -60,14 +60,18 @@ def test_tensorboard_holds_training_scalars_and_views(pretrain_run: Path) -> Non
     assert (pretrain_run / "config.yaml").read_text().startswith("data:")
 
 
-def test_rerun_resumes_from_the_latest_checkpoint(prepared: Path, tmp_path: Path) -> None:
+def test_rerun_resumes_from_the_latest_checkpoint(prepared: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     first = pretrain(small_pretrain_config(prepared, out))
     assert first.steps == 6
+    assert "resuming" not in capsys.readouterr().out
     config = small_pretrain_config(prepared, out)
     config.optim.epochs = 3
     second = pretrain(config)
     assert second.steps == 9  # continued from step 6, not restarted
+    assert (f"resuming from {out / 'checkpoints' / 'last.pt'}: epoch 3 of 3, step 6 of 9"
+            in capsys.readouterr().out)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     steps = sorted({e.step for e in events.Scalars("train/loss")})
