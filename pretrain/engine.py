@@ -148,6 +148,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         barrier(dist)
 
     for epoch in range(start_epoch, config.optim.epochs):
+        epoch_started = time.perf_counter()
         backend.train()
         # One loader per epoch: a resumed epoch delivers exactly the samples its
         # checkpoint had not consumed (the same batches, when the batching is unchanged).
@@ -198,6 +199,12 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
         checkpoint_now(epoch + 1, 0)
+        if dist.is_main and not config.run.progress:  # without bars, one line per epoch
+            seconds = time.perf_counter() - epoch_started
+            trained = spe - (first_step if epoch == start_epoch else 0)
+            print(f"epoch {epoch + 1} of {config.optim.epochs}: loss {loss_value:.4f}, "
+                  f"{2 * plan.global_batch * trained / seconds:.1f} views/s, "
+                  f"{seconds:.1f} s", flush=True)
     bar.close()
     export_dir = run_dir / EXPORT_DIR
     if dist.is_main:
