@@ -105,25 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         description="Print (or --out: write) an sbatch script running one torchrun agent "
                     "per node with a c10d rendezvous on the first node.")
-    slurm.add_argument("--nodes", type=int, required=True)
-    slurm.add_argument("--gpus-per-node", type=int, required=True)
-    slurm.add_argument("--time", required=True, help="wall time, HH:MM:SS or D-HH:MM:SS")
-    slurm.add_argument("--partition")
-    slurm.add_argument("--account")
-    slurm.add_argument("--job-name", default="medssl-pretrain")
-    slurm.add_argument("--cpus-per-task", type=int,
-                       help="CPU cores per node (default: 8 per GPU)")
-    slurm.add_argument("--log", default="%x-%j.out",
-                       help="SLURM log file (%%x job name, %%j job id); its folder must exist")
+    _add_allocation_arguments(slurm, "medssl-pretrain", "CPU cores per node")
     slurm.add_argument("--requeue", action="store_true",
                        help="allow SLURM to requeue the job; it resumes from its checkpoint")
     slurm.add_argument("--port", type=int, default=DEFAULT_RDZV_PORT,
                        help="rendezvous port on the first node")
     slurm.add_argument("--max-restarts", type=int, default=3)
     slurm.add_argument("--monitor-interval", type=float)
-    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                       dest="sbatch_options",
-                       help="extra #SBATCH directive, e.g. --sbatch=--constraint=h100")
     slurm.add_argument("--setup", action="append", default=[], metavar="CMD",
                        help="shell line to run before launching (repeatable)")
     slurm.add_argument("--out", help="write the script here instead of printing it")
@@ -154,6 +142,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_allocation_arguments(parser: argparse.ArgumentParser, job_name: str,
+                              cpus_help: str) -> None:
+    """The SLURM allocation flags every sbatch generator takes."""
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--time", required=True, help="wall time, HH:MM:SS or D-HH:MM:SS")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--job-name", default=job_name)
+    parser.add_argument("--cpus-per-task", type=int, help=f"{cpus_help} (default: 8 per GPU)")
+    parser.add_argument("--log", default="%x-%j.out",
+                        help="SLURM log file (%%x job name, %%j job id); its folder must exist")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        dest="sbatch_options",
+                        help="extra #SBATCH directive, e.g. --sbatch=--constraint=h100")
+
+
 def _add_ray_slurm(sub: argparse._SubParsersAction) -> None:
     from cluster.ray_cluster import DEFAULT_DASHBOARD_PORT, DEFAULT_RAY_PORT
 
@@ -162,25 +167,13 @@ def _add_ray_slurm(sub: argparse._SubParsersAction) -> None:
         epilog=RAY_SLURM_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Print (or --out: write) an sbatch script that starts Ray on every node "
                     "of the allocation (head on the first) and runs the sweep as the driver.")
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument("--time", required=True, help="wall time, HH:MM:SS or D-HH:MM:SS")
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--job-name", default="medssl-sweep")
-    parser.add_argument("--cpus-per-task", type=int,
-                        help="CPU cores per node, Ray's --num-cpus (default: 8 per GPU)")
-    parser.add_argument("--log", default="%x-%j.out",
-                        help="SLURM log file (%%x job name, %%j job id); its folder must exist")
+    _add_allocation_arguments(parser, "medssl-sweep", "CPU cores per node, Ray's --num-cpus")
     parser.add_argument("--no-exclusive", dest="exclusive", action="store_false",
                         help="share nodes with other jobs (no other Ray may run on them)")
     parser.add_argument("--port", type=int, default=DEFAULT_RAY_PORT,
                         help="the head's GCS port")
     parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
                         help="dashboard and job API, on the head's 127.0.0.1")
-    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                        dest="sbatch_options",
-                        help="extra #SBATCH directive, e.g. --sbatch=--constraint=h100")
     parser.add_argument("--setup", action="append", default=[], metavar="CMD",
                         help="shell line to run before Ray starts (repeatable); must put "
                              "ray and python on PATH")

@@ -56,7 +56,7 @@ def build_report(path: str | Path, out: str | Path | None = None,
     unit = str(study.frame["budget_unit"].iloc[0])
     tables = _tables(study, baseline, targets, settings.resamples)
     for name, table in tables.items():
-        _write_table(out / "tables", name, table)
+        write_table(out / "tables" / name, table)
     blocks = _page(study, tables, baseline, baseline_note, targets, unit, out, settings)
     title = settings.title or (f"medssl study report: {study.sweep['name']}" if study.sweep
                                else "medssl study report")
@@ -111,9 +111,10 @@ def _curves(study: StudyRuns) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _write_table(folder: Path, name: str, table: pd.DataFrame) -> None:
-    atomic_write_text(folder / f"{name}.csv", table.to_csv(index=False))
-    with atomic_path(folder / f"{name}.parquet") as tmp:
+def write_table(stem: Path, table: pd.DataFrame) -> None:
+    """``STEM.csv`` and ``STEM.parquet``, each written atomically."""
+    atomic_write_text(stem.with_name(f"{stem.name}.csv"), table.to_csv(index=False))
+    with atomic_path(stem.with_name(f"{stem.name}.parquet")) as tmp:
         table.to_parquet(tmp, index=False)
 
 

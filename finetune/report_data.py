@@ -9,7 +9,6 @@ refused with the runs that disagree named.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ import pandas as pd
 import yaml
 
 from finetune.outputs import METRICS_FILE, result_row
+from finetune.report_stats import pretraining_epochs
 
 SWEEP_CONFIG = "sweep.yaml"  # finetune.sweep writes the resolved config under this name
-_SERIES_MEMBER = re.compile(r"-ep(\d+)$")  # an init of a sweep's epochs: series
 
 
 @dataclass
@@ -104,8 +103,7 @@ def _classes(run: dict[str, Any]) -> str:
 
 def _row(metrics: dict[str, Any]) -> dict[str, Any]:
     row = result_row(metrics)
-    match = _SERIES_MEMBER.search(str(row["init"]))
-    row["pretrain_epochs"] = float(match.group(1)) if match else float("nan")
+    row["pretrain_epochs"] = pretraining_epochs(str(row["init"]))
     return row
 
 

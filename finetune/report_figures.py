@@ -63,8 +63,10 @@ def ratio_axis(axis: matplotlib.axis.Axis, values: np.ndarray) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def save(figure: plt.Figure, path: Path) -> Path:
-    figure.tight_layout()
+def save(figure: plt.Figure, path: Path,
+         rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out (within ``rect``: room left for a figure legend) and write atomically."""
+    figure.tight_layout(rect=rect)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
@@ -124,11 +126,7 @@ def validation_curves(curves: pd.DataFrame, palette: Palette, unit: str, path: P
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
     figure.suptitle("Validation Dice (median over seeds, band: inter-quartile range)")
-    figure.tight_layout(rect=(0, 0.06 if rows == 1 else 0.035, 1, 1))
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return save(figure, path, rect=(0, 0.06 if rows == 1 else 0.035, 1, 1))
 
 
 def speedups(table: pd.DataFrame, palette: Palette, baseline: str, unit: str,

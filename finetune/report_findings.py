@@ -8,7 +8,10 @@ test, bounds, or comparisons with too few seeds to test at all.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from finetune.report_figures import amount
@@ -29,26 +32,39 @@ _LISTED = 3  # more supported budgets than this are summarised as a range
 def speed_findings(tests: pd.DataFrame, speedups: pd.DataFrame, baseline: str,
                    unit: str) -> list[str]:
     """``tests``: paired tests on epochs_to_95pct; ``speedups``: epoch ratios."""
-    sentences = []
     ratios = speedups.set_index(["init", "budget"])
+
+    def span(init: str, chosen: pd.DataFrame) -> str:
+        found = ratios.loc[[(init, b) for b in chosen["budget"]], "median_ratio"]
+        return f"speed-up {found.min():.1f}x–{found.max():.1f}x"
+
+    def one(init: str, row: Any) -> str:
+        return _ratio_text(ratios.loc[(init, row.budget)])
+
+    # fewer epochs than the baseline (a negative difference) is faster
+    return [f"**{init}** reaches 95% of its best validation Dice {direction} than {baseline} "
+            f"at {where}." for init, direction, where in _claims(
+                tests, unit, (("faster", -1), ("slower", 1)), span, one)]
+
+
+def _claims(tests: pd.DataFrame, unit: str, directions: tuple[tuple[str, int], ...],
+            span: Callable[[str, pd.DataFrame], str],
+            one: Callable[[str, Any], str]) -> Iterator[tuple[str, str, str]]:
+    """(init, direction, where) for every init and direction of difference the tests
+    support; ``where`` lists the budgets, or summarises them as a range (``span``) when
+    there are more than a few."""
     for init, rows in tests[tests["significant"]].groupby("init", sort=True):
-        for direction, chosen in (("faster", rows[rows["median_difference"] < 0]),
-                                  ("slower", rows[rows["median_difference"] > 0])):
+        for direction, sign in directions:
+            chosen = rows[np.sign(rows["median_difference"]) == sign].sort_values("budget")
             if chosen.empty:
                 continue
-            chosen = chosen.sort_values("budget")
-            found = ratios.loc[[(init, b) for b in chosen["budget"]]]
             if len(chosen) > _LISTED:
-                where = _range_text(chosen, tests, init, unit,
-                                    f"speed-up {found['median_ratio'].min():.1f}x–"
-                                    f"{found['median_ratio'].max():.1f}x")
+                where = _range_text(chosen, tests, init, unit, span(init, chosen))
             else:
-                where = _budgets([
-                    f"{amount(row.budget, unit)} ({_ratio_text(ratios.loc[(init, row.budget)])}"
-                    f"; {_p(row.p_holm)}, {row.n_pairs} pairs)" for row in chosen.itertuples()])
-            sentences.append(f"**{init}** reaches 95% of its best validation Dice {direction} "
-                             f"than {baseline} at {where}.")
-    return sentences
+                where = _budgets([f"{amount(row.budget, unit)} ({one(init, row)}; "
+                                  f"{_p(row.p_holm)}, {row.n_pairs} pairs)"
+                                  for row in chosen.itertuples()])
+            yield init, direction, where
 
 
 def _range_text(chosen: pd.DataFrame, tests: pd.DataFrame, init: str, unit: str,
@@ -74,25 +90,17 @@ def _ratio_text(ratio: pd.Series) -> str:
 
 def accuracy_findings(tests: pd.DataFrame, baseline: str, unit: str) -> list[str]:
     """``tests``: paired tests on test_dice."""
-    sentences = []
-    for init, rows in tests[tests["significant"]].groupby("init", sort=True):
-        for direction, chosen in (("higher", rows[rows["median_difference"] > 0]),
-                                  ("lower", rows[rows["median_difference"] < 0])):
-            if chosen.empty:
-                continue
-            chosen = chosen.sort_values("budget")
-            if len(chosen) > _LISTED:
-                differences = chosen["median_difference"]
-                where = _range_text(chosen, tests, init, unit,
-                                    f"median difference {differences.min():+.3f} to "
-                                    f"{differences.max():+.3f}")
-            else:
-                where = _budgets([
-                    f"{amount(row.budget, unit)} (median {row.median_difference:+.3f}; "
-                    f"{_p(row.p_holm)}, {row.n_pairs} pairs)" for row in chosen.itertuples()])
-            sentences.append(f"**{init}** has a {direction} test Dice than {baseline} at "
-                             f"{where}.")
-    return sentences
+
+    def span(init: str, chosen: pd.DataFrame) -> str:
+        differences = chosen["median_difference"]
+        return f"median difference {differences.min():+.3f} to {differences.max():+.3f}"
+
+    def one(init: str, row: Any) -> str:
+        return f"median {row.median_difference:+.3f}"
+
+    return [f"**{init}** has a {direction} test Dice than {baseline} at {where}."
+            for init, direction, where in _claims(
+                tests, unit, (("higher", 1), ("lower", -1)), span, one)]
 
 
 def untested_findings(tests: pd.DataFrame, baseline: str, alpha: float) -> list[str]:

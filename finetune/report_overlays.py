@@ -19,11 +19,10 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from cluster.atomic import atomic_path
 from finetune.data import load_slices
 from finetune.model import build_unet
 from finetune.overlays import CLASS_COLOURS
-from finetune.report_figures import Palette
+from finetune.report_figures import Palette, save
 from finetune.train import BEST_WEIGHTS, predict
 
 
@@ -70,11 +69,7 @@ def overlay_grid(metrics: list[dict[str, Any]], palette: Palette, path: Path,
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     figure.suptitle(f"Test slices at the smallest budget ({lowest}): predictions per "
                     "initialisation", fontsize=10)
-    figure.tight_layout(rect=(0, 0.04, 1, 1))
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return save(figure, path, rect=(0, 0.04, 1, 1))
 
 
 def _most_foreground(masks: torch.Tensor, volumes: list[str], count: int) -> torch.Tensor:

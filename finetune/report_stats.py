@@ -73,7 +73,7 @@ NORMAL = "normal approximation"
 _MAX_EXACT_PAIRS = 50  # scipy's exact null distribution, no ties: cheap up to here
 _MAX_ENUMERATED_PAIRS = 16  # with ties: enumerate all 2**n sign flips up to here
 _CHUNK_FLOATS = 4_000_000  # floats per resampling chunk (32 MB): bounds bootstrap memory
-_SERIES_MEMBER = re.compile(r"^(?P<series>.+)-ep\d+$")
+_SERIES_MEMBER = re.compile(r"^(?P<series>.+)-ep(?P<epochs>\d+)$")
 
 
 # --- columns --------------------------------------------------------------------------
@@ -101,6 +101,13 @@ def pretraining_series(init: str) -> str:
     """
     match = _SERIES_MEMBER.match(init)
     return match.group("series") if match else init
+
+
+def pretraining_epochs(init: str) -> float:
+    """The pretraining epochs of a series member (``"byol-acdc-ep0005"`` -> 5.0), NaN for
+    any other init."""
+    match = _SERIES_MEMBER.match(init)
+    return float(match.group("epochs")) if match else float("nan")
 
 
 # --- bootstrap ------------------------------------------------------------------------

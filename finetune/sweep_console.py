@@ -16,11 +16,11 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from finetune.sweep_config import Trial
+
 
 def _key(trial: Any) -> str:
-    spec = trial.config.get("run", {}).get("trial", {})
-    budget = spec.get("run_dir", "").rstrip("/").split("/")[-2:-1] or ["?"]
-    return f"{spec.get('init_name', '?')}/{budget[0]}/seed{spec.get('seed', '?')}"
+    return Trial(**trial.config["run"]["trial"]).key
 
 
 def _last_error_line(trial: Any) -> str:

@@ -7,7 +7,6 @@ ran in this driver, in one that was killed, or in an earlier sweep, and they are
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from cluster.atomic import atomic_path, atomic_write_text
 from finetune.outputs import METRICS_FILE, result_row
-from finetune.report import ReportSettings, build_report
+from finetune.report import ReportSettings, build_report, write_table
 from finetune.sweep_config import TRIAL_FILE, SweepConfig, Trial
 from finetune.train import read_starts
 
-RESULTS_CSV = "results.csv"
-RESULTS_PARQUET = "results.parquet"
+RESULTS = "results"  # results.csv and results.parquet
+RESULTS_CSV, RESULTS_PARQUET = f"{RESULTS}.csv", f"{RESULTS}.parquet"
 REPORT_FOLDER = "report"
 
 
@@ -76,12 +74,7 @@ def write_results(config: SweepConfig, results: SweepResults,
     in ``report/`` (``settings``: its title, notes, ...); returns the report page (None
     when no trial has finished)."""
     folder = config.sweep_dir
-    frame = pd.DataFrame(results.rows)
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False)
-    atomic_write_text(folder / RESULTS_CSV, buffer.getvalue())
-    with atomic_path(folder / RESULTS_PARQUET) as tmp:
-        frame.to_parquet(tmp, index=False)
+    write_table(folder / RESULTS, pd.DataFrame(results.rows))
     if not results.runs:
         return None
     settings = settings or ReportSettings()

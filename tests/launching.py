@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +71,16 @@ def check_two_rank_run(out: Path) -> None:
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # rank 0 logs alone
+
+
+def check_sbatch_script(script: str, tmp_path: Path) -> None:
+    """A rendered sbatch script: directives before the first command (sbatch reads no
+    further), every placeholder filled, and valid bash."""
+    lines = script.splitlines()
+    first_command = next(i for i, line in enumerate(lines)
+                         if line.strip() and not line.startswith("#"))
+    assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < first_command
+    assert "@@" not in script
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)

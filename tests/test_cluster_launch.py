@@ -22,6 +22,7 @@ from cluster.deepspeed_presets import deepspeed_config, micro_batch_size
 from cluster.launch import parse_endpoint, parse_nnodes, torchrun_command
 from cluster.slurm import SlurmJob, render_sbatch
 from tests.launching import (
+    check_sbatch_script,
     check_two_rank_run,
     free_port,
     process_tree,
@@ -117,14 +118,7 @@ def test_slurm_script_directives_and_syntax(tmp_path: Path) -> None:
                       "--partition=gpu", "--account=proj42", "--output=%x-%j.out",
                       "--requeue", "--constraint=h100"):
         assert f"#SBATCH {directive}" in lines
-    # sbatch reads directives only before the first command
-    first_command = next(i for i, line in enumerate(lines)
-                         if line.strip() and not line.startswith("#"))
-    assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < first_command
-    assert "@@" not in script
-    path = tmp_path / "job.sbatch"
-    path.write_text(script)
-    subprocess.run(["bash", "-n", str(path)], check=True)
+    check_sbatch_script(script, tmp_path)
     plain = render_sbatch(_job(partition=None, account=None, requeue=False,
                                sbatch_options=(), setup=()))
     assert "--partition" not in plain and "--account" not in plain and "--requeue" not in plain

@@ -26,6 +26,7 @@ from cluster.ray_cluster import (
     render_cluster_yaml,
 )
 from cluster.ray_slurm import RaySweepJob, render_ray_sbatch, sweep_arguments
+from tests.launching import check_sbatch_script
 
 # Overrides with spaces, quotes and shell metacharacters: they must reach the sweep as-is.
 TRICKY_OVERRIDES = ["out=runs/it's a $HOME; `x` sweep", 'name="acdc"', "seeds=[0,1]"]
@@ -64,14 +65,7 @@ def test_ray_slurm_directives_and_syntax(tmp_path: Path) -> None:
         "--job-name=sweep-acdc", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4",
         "--cpus-per-task=32", "--time=12:00:00", "--output=%x-%j.out", "--partition=gpu",
         "--account=proj42", "--exclusive", "--constraint=h100"]
-    # sbatch reads directives only before the first command
-    first_command = next(i for i, line in enumerate(lines)
-                         if line.strip() and not line.startswith("#"))
-    assert max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) < first_command
-    assert "@@" not in script
-    path = tmp_path / "job.sbatch"
-    path.write_text(script)
-    subprocess.run(["bash", "-n", str(path)], check=True)
+    check_sbatch_script(script, tmp_path)
     plain = _directives(render_ray_sbatch(_job(partition=None, account=None, exclusive=False,
                                                sbatch_options=(), cpus_per_task=12)))
     assert plain == ["--job-name=sweep-acdc", "--nodes=2", "--ntasks-per-node=1",
