@@ -97,8 +97,10 @@ def worker(slot: int, concurrent: int, threads: int, configs: list[dict[str, Any
            device: str, out: Any) -> None:
     """Run ``configs`` one after another, as a reused Ray trial actor would; report each
     finished trial (or the error) on ``out``."""
+    from data_prep.pool import exit_with_parent
     from finetune.train import train_run  # after spawn: the parent's import is not shared
 
+    exit_with_parent(os.getppid())  # a killed benchmark leaves no trial process behind
     torch.set_num_threads(threads)  # the trial's CPU share, as run_trial sets it
     if device == "cuda":
         cap_memory(1 / concurrent)

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from cluster.cli_errors import report_input_errors
 from cluster.launch import (
     DEFAULT_RDZV_PORT,
     TORCHRUN_ENV,
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     torchrun.add_argument("--local-addr",
                           help="this node's address for the other nodes (default: its FQDN)")
     _add_program_arguments(torchrun)
-    torchrun.set_defaults(subparser=torchrun)
+    torchrun.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
 
     slurm = sub.add_parser(
         "slurm", help="an sbatch script for multi-node pretraining", epilog=SLURM_EXAMPLES,
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="shell line to run before launching (repeatable)")
     slurm.add_argument("--out", help="write the script here instead of printing it")
     _add_program_arguments(slurm)
-    slurm.set_defaults(subparser=slurm)
+    slurm.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
 
     _add_ray_slurm(sub)
     _add_ray_cluster(sub)
@@ -138,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--check", action="store_true",
                     help="also parse the config with the installed DeepSpeed")
     ds.add_argument("--out", help="write the JSON here instead of printing it")
-    ds.set_defaults(subparser=ds)
+    ds.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     return parser
 
 
@@ -180,7 +181,7 @@ def _add_ray_slurm(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="write the script here instead of printing it")
     parser.add_argument("--config", required=True, help="sweep YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    parser.set_defaults(subparser=parser)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
 
 
 def _add_ray_cluster(sub: argparse._SubParsersAction) -> None:
@@ -218,7 +219,7 @@ def _add_ray_cluster(sub: argparse._SubParsersAction) -> None:
                         help="also check the config with Ray's schema and the launcher's "
                              "preparation (offline)")
     parser.add_argument("--out", help="write the YAML here instead of printing it")
-    parser.set_defaults(subparser=parser)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
 
 
 def _add_program_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,12 +228,12 @@ def _add_program_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        text = _run(args)
-    except ValueError as exc:
-        args.subparser.error(str(exc))
+    args = _parser().parse_args(argv)
+    return report_input_errors(lambda: _write(args), args.debug)
+
+
+def _write(args: argparse.Namespace) -> int:
+    text = _run(args)
     if getattr(args, "out", None):
         from cluster.atomic import atomic_write_text
 

@@ -3,8 +3,8 @@
 Input errors in this project are ``ValueError`` (``ConfigError``, ``DataError``, encoder
 mismatches ...) or ``FileNotFoundError``, each with a message naming the file or key; a
 traceback adds nothing for the user and hides that line. Anything else is a program bug
-and keeps its traceback. ``--debug`` shows the traceback of input errors too. Under
-torchrun only rank 0 prints, so a multi-rank run shows the message once.
+and keeps its traceback. ``--debug`` (or ``MEDSSL_DEBUG=1``) shows the traceback of input
+errors too. Under torchrun only rank 0 prints, so a multi-rank run shows the message once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ import sys
 from collections.abc import Callable
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+DEBUG_ENV = "MEDSSL_DEBUG"
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """``--debug`` on the command line, or ``MEDSSL_DEBUG`` set to anything but 0/empty."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def report_input_errors(command: Callable[[], int], debug: bool = False) -> int:
@@ -21,7 +27,7 @@ def report_input_errors(command: Callable[[], int], debug: bool = False) -> int:
     try:
         return command()
     except INPUT_ERRORS as exc:
-        if debug:
+        if debug_requested(debug):
             raise
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)

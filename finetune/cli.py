@@ -7,7 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cluster.config import ConfigError, load_config
+from cluster.cli_errors import report_input_errors
+from cluster.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "$RAY_ADDRESS (set by ray job submit), else a local instance on "
                        "127.0.0.1")
     sweep.add_argument("--num-cpus", type=int, help="CPUs of a local instance (default: all)")
-    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
 
     report = sub.add_parser(
@@ -56,42 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="DemoConfig keys, e.g. patients=12 finetune_epochs=4")
+    for command in (train, sweep, report, demo):
+        command.add_argument("--debug", action="store_true",
+                             help="show tracebacks of input errors (or MEDSSL_DEBUG=1)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            from finetune.config import FinetuneConfig
-            from finetune.train import train_run
+    return report_input_errors(lambda: _run(args), args.debug)
 
-            flags = {k: getattr(args, k) for k in ("data", "out", "init", "arch", "budget",
-                                                    "seed") if getattr(args, k) is not None}
-            overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items())]
-            config = load_config(FinetuneConfig, args.config, overrides)
-            try:
-                metrics = train_run(config)
-            except (FileNotFoundError, ValueError) as exc:  # bad data, budget or init
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            print(json.dumps({"test": metrics["test"], "convergence": metrics["convergence"]},
-                             indent=2))
-            return 0
-        if args.command == "sweep":
-            return _sweep(args)
-        if args.command == "report":
-            return _report(args)
-        if args.command == "demo":
-            from finetune.demo import DemoConfig, run_demo
 
-            config = load_config(DemoConfig, None, [*args.overrides, f"out={args.out}"])
-            report = run_demo(config)
-            print(report.resolve())
-            return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from finetune.config import FinetuneConfig
+        from finetune.train import train_run
+
+        flags = {k: getattr(args, k) for k in ("data", "out", "init", "arch", "budget",
+                                                "seed") if getattr(args, k) is not None}
+        overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items())]
+        config = load_config(FinetuneConfig, args.config, overrides)
+        metrics = train_run(config)
+        print(json.dumps({"test": metrics["test"], "convergence": metrics["convergence"]},
+                         indent=2))
+        return 0
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "demo":
+        from finetune.demo import DemoConfig, run_demo
+
+        config = load_config(DemoConfig, None, [*args.overrides, f"out={args.out}"])
+        report = run_demo(config)
+        print(report.resolve())
+        return 0
     raise AssertionError(args.command)
 
 
@@ -108,13 +107,7 @@ def _sweep(args: argparse.Namespace) -> int:
     for item in args.overrides:
         apply_override(raw, item)
     config = load_sweep_config(raw)
-    try:
-        outcome = run_sweep(config, address=args.address, num_cpus=args.num_cpus)
-    except (FileNotFoundError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    outcome = run_sweep(config, address=args.address, num_cpus=args.num_cpus)
     results = outcome.results
     print(f"sweep {config.name}: {len(results.rows)} of "
           f"{len(results.rows) + len(results.unfinished)} trials complete ({outcome.where})")
@@ -134,11 +127,7 @@ def _report(args: argparse.Namespace) -> int:
         print("error: give the folder to report on (a sweep or a folder of run folders)",
               file=sys.stderr)
         return 2
-    try:
-        page = build_report(path, args.out, ReportSettings(
-            baseline=args.baseline, targets=args.targets, overlays=args.overlays))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    page = build_report(path, args.out, ReportSettings(
+        baseline=args.baseline, targets=args.targets, overlays=args.overlays))
     print(page.resolve())
     return 0

@@ -39,3 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medssl: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     return run(rest)
+
+
+if __name__ == "__main__":  # python -m finetune.console, as the medssl script
+    sys.exit(main())

@@ -69,8 +69,10 @@ def run_sweep(config: SweepConfig, address: str | None = None, num_cpus: int | N
 
     try:
         check_resources(config, [node["Resources"] for node in ray.nodes() if node["Alive"]])
-        print(f"sweep {config.name}: {len(todo)} of {len(trials)} trials to run on {where}",
-              flush=True)
+        done = len(trials) - len(todo)
+        state = f"resuming, {done} of {len(trials)} trials complete, " if done else ""
+        print(f"sweep {config.name}: {state}{len(todo)} of {len(trials)} trials to run on "
+              f"{where}", flush=True)
         _fit(config, trials, todo)
         results = gather(trials)
         # written before disconnecting: under `ray job submit` the driver's working

@@ -49,13 +49,14 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", type=Path,
                         help="output folder (default: RUN/export for last.pt, else "
                              "RUN/export-NAME)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    return report_input_errors(lambda: _export(args), args.debug)
+
+
+def _export(args: argparse.Namespace) -> int:
     from pretrain.export import export_checkpoint
 
-    try:
-        folder = export_checkpoint(args.run, args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as exc:  # EncoderMismatchError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    folder = export_checkpoint(args.run, args.checkpoint, args.out)
     print(f"exported backbone to {folder}")
     return 0

@@ -4,12 +4,15 @@ subprocess)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cluster.cli_errors import report_input_errors
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -61,3 +64,56 @@ def test_pretrain_on_a_missing_dataset(tmp_path: Path) -> None:
     _one_error_line(_run("pretrain", f"data.path={tmp_path / 'missing'}",
                          f"run.out={tmp_path / 'run'}", "run.device=cpu"),
                     "is not a prepared dataset")
+
+
+def test_finetune_train_on_a_missing_dataset(tmp_path: Path) -> None:
+    _one_error_line(_run("finetune", "train", "--data", str(tmp_path / "missing"), "--out",
+                         str(tmp_path / "run"), "device=cpu"), str(tmp_path / "missing"))
+
+
+def test_finetune_report_on_a_folder_without_finished_runs(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "random" / "b3" / "s0").mkdir(parents=True)
+    _one_error_line(_run("finetune", "report", str(tmp_path / "runs")), "no complete")
+
+
+def test_sweep_with_an_unknown_key_stops_before_ray_starts(tmp_path: Path) -> None:
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"name: s\nstorage: {tmp_path}\ndata: {tmp_path}\n"
+                      "inits: {random: random}\nbudgets: [3]\nseeds: [0]\n"
+                      "base: {epochz: 2}\n")
+    _one_error_line(_run("finetune", "sweep", "--config", str(config)), "base.epochz")
+    _one_error_line(_run("finetune", "sweep", "--config", str(tmp_path / "nope.yaml")),
+                    "nope.yaml")
+
+
+def test_cluster_recipe_with_a_bad_wall_time() -> None:
+    _one_error_line(_run("cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--time",
+                         "90 minutes"), "HH:MM:SS")
+
+
+def test_medssl_console_script_and_the_debug_environment_variable(tmp_path: Path) -> None:
+    command = ("finetune.console", "pretrain", f"data.path={tmp_path / 'missing'}",
+               f"run.out={tmp_path / 'run'}", "run.device=cpu")
+    _one_error_line(_run(*command), "is not a prepared dataset")
+    debug = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "MEDSSL_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_program_bugs_keep_their_traceback_and_only_rank_zero_speaks(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def bug() -> int:
+        raise KeyError("a bug, not bad input")
+
+    with pytest.raises(KeyError):
+        report_input_errors(bug)
+
+    def bad_input() -> int:
+        raise ValueError("data.path: /x is not a prepared dataset")
+
+    monkeypatch.setenv("RANK", "1")
+    assert report_input_errors(bad_input) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert report_input_errors(bad_input) == 2
+    assert capsys.readouterr().err == "error: data.path: /x is not a prepared dataset\n"

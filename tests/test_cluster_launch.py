@@ -88,8 +88,7 @@ def test_torchrun_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 "
                            "--nproc-per-node=4 --rdzv-backend=c10d ")
     assert line.endswith("--monitor-interval=2 -m pretrain 'run.out=a b'")
-    with pytest.raises(SystemExit):
-        cluster_main(["torchrun", "--nnodes", "4:2"])
+    assert cluster_main(["torchrun", "--nnodes", "4:2"]) == 2
     assert "MIN (4) is larger than MAX (2)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cluster_main(["torchrun", "--help"])
@@ -181,8 +180,8 @@ def test_slurm_cli_writes_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "#SBATCH --nodes=3" in script and "#SBATCH --time=1-00:00:00" in script
     assert "-m pretrain --config cfg.yaml run.out=runs/x" in script
     assert capsys.readouterr().out == ""
-    with pytest.raises(SystemExit):
-        cluster_main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "25:00"])
+    assert cluster_main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--time",
+                         "25:00"]) == 2
     assert "HH:MM:SS" in capsys.readouterr().err
 
 

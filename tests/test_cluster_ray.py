@@ -224,9 +224,7 @@ def test_sweep_arguments() -> None:
 
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """Bad input on the command line: exit status 2 and exactly one `error:` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        cluster_main(argv)
-    assert exit_info.value.code == 2
+    assert cluster_main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1, err
@@ -247,7 +245,7 @@ RAY_SLURM = ["ray-slurm", "--gpus-per-node", "8", "--config", "sweep.yaml"]
 def test_ray_slurm_cli_errors(argv: list[str], message: str,
                               capsys: pytest.CaptureFixture[str]) -> None:
     line = _cli_error(argv, capsys)
-    assert line.startswith("python -m cluster ray-slurm: error:") and message in line
+    assert line.startswith("error: ") and message in line
 
 
 def test_ray_slurm_cli_writes_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,7 +408,7 @@ def test_ray_cluster_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
     line = _cli_error(["ray-cluster", "--head-ip", "10.0.0.1", "--worker-ip", "10.0.0.1",
                        "--ssh-user", "alice"], capsys)
-    assert line.startswith("python -m cluster ray-cluster: error:") and "must all differ" in line
+    assert line.startswith("error: ") and "must all differ" in line
     line = _cli_error(["ray-cluster", "--head-ip", "10.0.0.1", "--ssh-user", "alice",
                        "--file-mount", "nowhere"], capsys)
     assert "REMOTE_PATH=LOCAL_PATH" in line

@@ -165,6 +165,8 @@ def test_killed_driver_resumes_without_training_finished_trials_again(
     resumed = _sweep(cluster, config)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "continuing Tune experiment" in resumed.stdout
+    assert (f"sweep crash: resuming, {len(done_before)} of 6 trials complete, "
+            f"{6 - len(done_before)} of 6 trials to run") in resumed.stdout
     results = pd.read_csv(tmp_path / "storage" / "crash" / "results.csv")
     assert sorted(results["init"].unique()) == ["random", "ssl-ep0001", "ssl-ep0002"]
     assert sorted(results["pretrain_epochs"].dropna().unique()) == [1, 2]
