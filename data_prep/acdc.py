@@ -117,14 +117,14 @@ def load_labeled_frames(patient: AcdcPatient) -> Iterator[Volume]:
     """The ED and ES frames with their ground truth."""
     for frame in patient.labeled_frames:
         image_path, label_path = patient.frame_path(frame), patient.frame_path(frame, label=True)
-        image, zooms = load_nifti(image_path)
-        mask, mask_zooms = load_nifti(label_path)
+        image, zooms, affine = load_nifti(image_path)
+        mask, mask_zooms, mask_affine = load_nifti(label_path)
         if image.ndim != 3:
             raise DataError(f"{image_path}: expected a 3D frame, got shape {image.shape}")
         check_labels(label_path, mask, mask_zooms, image_path, image.shape, zooms,
-                     ACDC_CLASSES, "the ACDC classes")
+                     ACDC_CLASSES, "the ACDC classes", mask_affine, affine)
         yield Volume(
-            patient=patient.name, frame=frame, image=image,
+            patient=patient.name, frame=frame, image=image, affine=affine,
             spacing=voxel_spacing(image_path, zooms),
             source=image_path, mask=mask.astype(np.uint8), meta={"group": patient.group},
             files=(image_path, label_path, patient.info_path),
@@ -133,7 +133,7 @@ def load_labeled_frames(patient: AcdcPatient) -> Iterator[Volume]:
 
 def load_cine_frames(patient: AcdcPatient, stride: int = 1) -> Iterator[Volume]:
     """Every ``stride``-th frame of the 4D cine (frame numbers 1-based), unlabeled."""
-    data, zooms = load_nifti(patient.cine_path)
+    data, zooms, affine = load_nifti(patient.cine_path)
     if data.ndim != 4:
         raise DataError(f"{patient.cine_path}: expected a 4D cine (x, y, slice, frame), "
                         f"got shape {data.shape}")
@@ -141,7 +141,8 @@ def load_cine_frames(patient: AcdcPatient, stride: int = 1) -> Iterator[Volume]:
     for index in range(0, data.shape[3], stride):
         yield Volume(
             patient=patient.name, frame=index + 1, image=np.ascontiguousarray(data[..., index]),
-            spacing=spacing, source=patient.cine_path, meta={"group": patient.group},
+            spacing=spacing, affine=affine, source=patient.cine_path,
+            meta={"group": patient.group},
             files=(patient.cine_path, patient.info_path),
         )
 

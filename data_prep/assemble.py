@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cluster.config import to_dict
 from data_prep.convert import LABELED, PRETRAIN
 from data_prep.manifest import Manifest
 from data_prep.nifti import DataError
+from data_prep.orientation import OBLIQUE_DEGREES
 from data_prep.pool import run_jobs
 from data_prep.prepare_config import PrepareConfig
 from data_prep.shards import SHARD_PATTERN, ShardInfo, plan_shards, write_planned_shard
@@ -82,10 +83,26 @@ def assemble(source: DatasetSource, units: list[tuple[Path, dict[str, Any]]],
         pretrain_splits=list(config.pretrain_splits),
         source_files=dict(sorted(source_files.items())),
         warnings=warnings,
+        orientation=_orientation(config, volumes),
         extra={"config": to_dict(config)},
     )
     manifest.write(out)
     return manifest
+
+
+def _orientation(config: PrepareConfig, volumes: list[StagedVolume]) -> dict[str, Any]:
+    """The manifest's orientation record: the convention, and what the sources held."""
+    if not config.volumetric:
+        return {"frame": "image", "display": "as stored in the image files (row 0 at the top)"}
+    record = config.slicing().describe()
+    record["source_axes"] = dict(sorted(Counter(
+        v.info.get("source_axes") or "unknown" for v in volumes).items()))
+    if config.slicing().plane == "acquired":
+        record["planes"] = dict(sorted(Counter(v.info.get("plane", "") for v in volumes).items()))
+    angles = [float(v.info.get("oblique_degrees", 0.0)) for v in volumes]
+    oblique = [a for a in angles if a > OBLIQUE_DEGREES]
+    record["oblique"] = {"volumes": len(oblique), "max_degrees": max(angles, default=0.0)}
+    return record
 
 
 def _write_shards(out: Path, volumes: list[StagedVolume], config: PrepareConfig,

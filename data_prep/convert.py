@@ -24,6 +24,7 @@ from data_prep.normalize import (
     percentile_params,
     zscore_params,
 )
+from data_prep.orientation import orient_volume
 from data_prep.resample import fit_to_size, resample_inplane
 from data_prep.sources import DatasetSource, SourcePatient
 from data_prep.staging import write_unit
@@ -50,8 +51,9 @@ def convert_patient(source: DatasetSource, patient: SourcePatient, split: str,
                             "record a warning in the manifest and go on)") from None
         meta.update(volumes=[], files={}, source_bytes=0, skipped=str(exc))
         arrays = {}
-    # Files a source left out itself (skip_bad) while reading this patient.
-    meta["warnings"] = problems[known:]
+    # Files a source left out itself (skip_bad) while reading this patient, and volumes
+    # that could not be reoriented exactly (oblique, or without orientation).
+    meta["warnings"] = problems[known:] + meta.pop("orientation_notes", [])
     write_unit(unit, meta, arrays)
     return meta
 
@@ -80,8 +82,20 @@ def _convert(source: DatasetSource, patient: SourcePatient, split: str,
     files: set[Path] = set()
     masks: dict[str, np.ndarray] = {}
 
+    slicing = config.slicing()
+    notes: list[str] = []
+
     def stage(volume: Volume, role: str) -> None:
         index = len(meta["volumes"])
+        source_spacing = list(volume.spacing)
+        layout: dict[str, Any] = {}
+        if config.volumetric:
+            oriented = orient_volume(volume, slicing)
+            volume = oriented.volume
+            layout = {"source_axes": oriented.source_axes, "plane": oriented.plane,
+                      "oblique_degrees": oriented.oblique_degrees}
+            if oriented.note and oriented.note not in notes:  # once per file, not per frame
+                notes.append(oriented.note)
         image, mask, spacing = shape_volume(volume, config)
         arrays[f"image_{index}"] = _slices_first(image)
         if mask is not None:
@@ -89,9 +103,9 @@ def _convert(source: DatasetSource, patient: SourcePatient, split: str,
         meta["volumes"].append({
             "role": role, "volume": volume.volume_id, "frame": volume.frame,
             "slices": volume.n_slices, "spacing": list(spacing),
-            "source_spacing": list(volume.spacing),
+            "source_spacing": source_spacing,
             "norm": normalisation(volume.image, config).as_list(),
-            "labeled": mask is not None, "meta": volume.meta,
+            "labeled": mask is not None, "meta": volume.meta, **layout,
         })
         meta["source_bytes"] += volume.image.nbytes
         files.update(volume.source_files)
@@ -107,6 +121,7 @@ def _convert(source: DatasetSource, patient: SourcePatient, split: str,
             stage(volume, PRETRAIN)
     root = Path(config.source)
     meta["files"] = {_relative(path, root): sha256_file(path) for path in sorted(files)}
+    meta["orientation_notes"] = notes
     return arrays
 
 

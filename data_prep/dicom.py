@@ -366,6 +366,29 @@ def _order_by_instance_number(instances: list[InstanceHeader], label: str
     return sorted(instances, key=lambda i: i.instance_number or 0)
 
 
+def series_affine(series: SeriesInfo) -> np.ndarray | None:
+    """Voxel (x = column index, y = row index, slice) -> RAS+ mm; None without geometry.
+
+    DICOM's patient frame is LPS, so its x and y change sign. The slice step is taken from
+    the first and last positions, so a stack whose positions do not run along the plane
+    normal (gantry tilt) is placed where its slices really are.
+    """
+    if series.positions is None or series.orientation is None:
+        return None
+    column_spacing, row_spacing, slice_spacing = series.spacing
+    first = np.asarray(series.positions[0], dtype=np.float64)
+    if len(series.positions) > 1:
+        step = (np.asarray(series.positions[-1]) - first) / (len(series.positions) - 1)
+    else:
+        step = slice_normal(series.orientation) * slice_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(series.orientation[:3]) * column_spacing  # along a row
+    lps[:3, 1] = np.asarray(series.orientation[3:]) * row_spacing  # down a column
+    lps[:3, 2] = step
+    lps[:3, 3] = first
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
 # -- pixels ----------------------------------------------------------------------------------
 def load_series_image(series: SeriesInfo) -> np.ndarray:
     """The series as (x, y, slice): stored values, or rescaled ones (see module doc)."""
@@ -631,7 +654,8 @@ class DicomSource:
         if series.series_number is not None:
             meta["series_number"] = series.series_number
         return Volume(patient=series.patient, frame=0, image=image, spacing=series.spacing,
-                      source=series.folder, meta=meta, name=series.name, files=series.files)
+                      source=series.folder, meta=meta, name=series.name, files=series.files,
+                      affine=series_affine(series))
 
 
 def _series_order(series: SeriesInfo) -> tuple[bool, int, str]:

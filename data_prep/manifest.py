@@ -10,7 +10,10 @@ from typing import Any
 from cluster.atomic import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Version 2 had no orientation record: its volumes were sliced in stored voxel order.
+LEGACY_ORIENTATION = {"frame": "as_stored", "slice_axis": 2, "recorded": False,
+                      "display": "stored voxel order (prepared before orientation records)"}
 
 
 @dataclass
@@ -32,6 +35,9 @@ class Manifest:
     pretrain_splits: list[str]
     source_files: dict[str, str]  # path relative to the source root -> sha256
     warnings: list[dict[str, str]]  # bad input skipped with skip_bad: patient, problem
+    # How slices are laid out: frame (RAS+ or as_stored), plane, rows/columns/slices axis
+    # codes, display convention, the source voxel orders seen, obliquity (orientation.py)
+    orientation: dict[str, Any] = field(default_factory=lambda: dict(LEGACY_ORIENTATION))
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -58,9 +64,13 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {data.get('format_version')!r} is not "
-                             f"supported (expected {FORMAT_VERSION})")
+        version = data.get("format_version")
+        if version == 2 and "orientation" not in data:
+            data = {**data, "orientation": dict(LEGACY_ORIENTATION),
+                    "format_version": FORMAT_VERSION}
+        elif version != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {version!r} is not supported (expected "
+                             f"{FORMAT_VERSION}, or 2 from before orientation records)")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:

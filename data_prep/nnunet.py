@@ -36,12 +36,11 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 class NnunetSource:
     format = "nnunet"
 
-    def __init__(self, root: str, channel: int = 0, slice_axis: int = 2,
-                 skip_bad: bool = False) -> None:
+    def __init__(self, root: str, channel: int = 0, skip_bad: bool = False) -> None:
         self.root = Path(root)
         self.problems: list[str] = []
         self._skip_bad = skip_bad
-        self.channel, self.slice_axis = channel, slice_axis
+        self.channel = channel
         spec_path = self.root / "dataset.json"
         if not spec_path.is_file():
             raise DataError(f"{spec_path}: dataset.json is missing (expected an nnU-Net v2 or "
@@ -124,28 +123,26 @@ class NnunetSource:
         image_path, label_path = self._cases[patient.name]
         if label_path is None:
             return
-        image, spacing = self._load_image(image_path)
-        labels, label_zooms = load_nifti(label_path)
-        labels = np.moveaxis(labels, self.slice_axis, -1) if labels.ndim == 3 else labels
-        check_labels(label_path, labels, self._move_spacing(label_zooms), image_path,
-                     image.shape, spacing, self.classes, "dataset.json labels")
-        yield Volume(patient=patient.name, frame=0, image=image, spacing=spacing,
+        image, zooms, affine = self._load_image(image_path)
+        labels, label_zooms, label_affine = load_nifti(label_path)
+        check_labels(label_path, labels, label_zooms, image_path, image.shape, zooms,
+                     self.classes, "dataset.json labels", label_affine, affine)
+        yield Volume(patient=patient.name, frame=0, image=image,
+                     spacing=voxel_spacing(image_path, zooms), affine=affine,
                      source=image_path, mask=labels.astype(np.uint8),
                      files=(image_path, label_path))
 
     def pretrain_volumes(self, patient: SourcePatient) -> Iterator[Volume]:
         image_path, _ = self._cases[patient.name]
-        image, spacing = self._load_image(image_path)
-        yield Volume(patient=patient.name, frame=0, image=image, spacing=spacing,
+        image, zooms, affine = self._load_image(image_path)
+        yield Volume(patient=patient.name, frame=0, image=image,
+                     spacing=voxel_spacing(image_path, zooms), affine=affine,
                      source=image_path)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _move_spacing(self, zooms: tuple[float, ...]) -> tuple[float, float, float]:
-        axes = [a for a in range(3) if a != self.slice_axis] + [self.slice_axis]
-        return (zooms[axes[0]], zooms[axes[1]], zooms[axes[2]])
-
-    def _load_image(self, path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-        data, zooms = load_nifti(path)
+    def _load_image(self, path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray | None]:
+        """The chosen channel as a 3D volume in stored voxel order (reoriented later)."""
+        data, zooms, affine = load_nifti(path)
         if data.ndim == 4:  # MSD: channels in the last axis
             if self.channel >= data.shape[3]:
                 raise DataError(f"{path}: has {data.shape[3]} channels, channel "
@@ -153,8 +150,7 @@ class NnunetSource:
             data = data[..., self.channel]
         if data.ndim != 3:
             raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
-        return (np.ascontiguousarray(np.moveaxis(data, self.slice_axis, -1)),
-                self._move_spacing(voxel_spacing(path, zooms)))
+        return np.ascontiguousarray(data), zooms, affine
 
 
 def _msd_case(image: Path) -> str:

@@ -50,8 +50,7 @@ def open_source(config: PrepareConfig) -> DatasetSource:
     if config.format == "nnunet":
         from data_prep.nnunet import NnunetSource
 
-        return NnunetSource(config.source, channel=config.channel,
-                            slice_axis=config.slice_axis, skip_bad=config.skip_bad)
+        return NnunetSource(config.source, channel=config.channel, skip_bad=config.skip_bad)
     return AcdcSource(config.source, config.pretrain_frames, config.cine_frame_stride,
                       skip_bad=config.skip_bad)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_prep.orientation import AS_STORED, RAS, Slicing
 from data_prep.splits import SPLITS, UNLABELED
 
 
@@ -19,7 +20,13 @@ class PrepareConfig:
     image_size: int = 256
     modality_filter: str = ""  # DICOM: keep only series of this modality (e.g. "CT")
     channel: int = 0  # nnU-Net/MSD: which input channel
-    slice_axis: int = 2  # nnU-Net/MSD: the axis 3D volumes are sliced along
+    # 3D volumes (acdc, nnunet, dicom) are permuted/flipped to RAS+ and sliced in a named
+    # plane (data_prep/orientation.py holds the display convention); "auto": acquired for
+    # ACDC (cardiac short-axis stacks), axial otherwise. orientation=as_stored keeps the
+    # stored voxel order and slices along the raw array axis slice_axis (default 2).
+    orientation: Literal["ras", "as_stored"] = "ras"
+    slice_plane: Literal["auto", "axial", "coronal", "sagittal", "acquired"] = "auto"
+    slice_axis: int | None = None
     # 2D image folders (format "images"): patient id from a regex group on the relative
     # path (default: one patient per file), declared classes (default 0 background,
     # 1 foreground), stored mask value -> class id (e.g. {255: 1}), pixel spacing (mm).
@@ -72,5 +79,26 @@ class PrepareConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.target_spacing is not None and min(self.target_spacing) <= 0:
             raise ValueError(f"target_spacing must be positive, got {self.target_spacing}")
-        if self.slice_axis not in (0, 1, 2):
+        if self.slice_axis is not None and self.slice_axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
+        if self.orientation == "ras" and self.slice_axis is not None:
+            raise ValueError("slice_axis is a raw array axis and needs orientation=as_stored; "
+                             "with orientation=ras choose slice_plane=axial|coronal|sagittal|"
+                             "acquired")
+        if self.orientation == "as_stored" and self.slice_plane != "auto":
+            raise ValueError(f"slice_plane={self.slice_plane} needs orientation=ras (with "
+                             "orientation=as_stored, slice_axis picks the raw array axis)")
+
+    def slicing(self) -> Slicing:
+        """How volumes become slices, with ``auto`` resolved for the format."""
+        if self.orientation == "as_stored":
+            return Slicing(AS_STORED, "", 2 if self.slice_axis is None else self.slice_axis)
+        plane = self.slice_plane
+        if plane == "auto":
+            plane = "acquired" if self.format == "acdc" else "axial"
+        return Slicing(RAS, plane)
+
+    @property
+    def volumetric(self) -> bool:
+        """3D medical volumes, which are reoriented before slicing (not 2D image folders)."""
+        return self.format in ("acdc", "nnunet", "dicom")

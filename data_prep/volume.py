@@ -19,6 +19,8 @@ class Volume:
     volumes. ``name`` identifies the volume within its dataset where patient and frame do
     not (2D image folders: one volume per file). ``files`` lists every source file the
     volume was read from (image, mask, each DICOM slice); checksums are taken of these.
+    ``affine`` places the stored voxels in patient space, so that ``data_prep.orientation``
+    can lay every source out the same way before slicing.
     """
 
     patient: str
@@ -30,6 +32,7 @@ class Volume:
     meta: dict[str, str | int | float] = field(default_factory=dict)
     name: str = ""
     files: tuple[Path, ...] = ()
+    affine: np.ndarray | None = None  # voxel (x, y, slice) -> RAS+ mm; None: unknown
 
     @property
     def volume_id(self) -> str:

@@ -23,6 +23,7 @@ from data_prep.normalize import (
 from data_prep.prepare import PrepareConfig, prepare_dataset
 from data_prep.shard_reader import iterate_shards, shard_paths
 from data_prep.zarr_store import LabeledSlices
+from tests.anatomy import axial_layout, centre_crop
 
 
 def _save(path: Path, data: np.ndarray, zooms: tuple[float, ...]) -> None:
@@ -82,9 +83,9 @@ def test_nnunet_dataset_prepares_with_random_patient_split(nnunet_root: Path,
             case, z = store.patient_of(index), int(store.slices[index])
             image, mask = store.raw(index)
             np.testing.assert_array_equal(
-                image, _nifti(nnunet_root / "imagesTr" / f"{case}_0000.nii.gz")[:, :, z])
+                image, axial_layout(nnunet_root / "imagesTr" / f"{case}_0000.nii.gz")[:, :, z])
             np.testing.assert_array_equal(
-                mask, _nifti(nnunet_root / "labelsTr" / f"{case}.nii.gz")[:, :, z])
+                mask, axial_layout(nnunet_root / "labelsTr" / f"{case}.nii.gz")[:, :, z])
     # The same seed gives the same split; another seed another one.
     again = prepare_dataset(PrepareConfig(
         source=str(nnunet_root), out=str(tmp_path / "again"), format="nnunet", image_size=64,
@@ -117,14 +118,14 @@ def test_msd_layout_with_4d_channels_and_bundled_nifti(tmp_path: Path) -> None:
         normalization="percentile"), progress=False)
     assert manifest.modality == "T2"
     assert manifest.splits["unlabeled"] == ["brain_101"]
-    source = np.asanyarray(nib.load(str(root / "imagesTs" / "brain_101.nii.gz")).dataobj)
+    source = axial_layout(root / "imagesTs" / "brain_101.nii.gz")
     seen = 0
     for sample in iterate_shards(shard_paths(out)):
         if sample.meta["patient"] != "brain_101":
             continue
         z = sample.meta["slice"]
-        # 128 x 96 in-plane, centre-cropped to 48 x 48, channel 1, dtype kept
-        expected = source[40:88, 24:72, z, 1]
+        # in-plane centre-cropped to 48 x 48, channel 1, dtype kept
+        expected = centre_crop(source[:, :, z, 1], 48)
         assert sample.raw.dtype == np.int16
         np.testing.assert_array_equal(sample.raw, expected)
         low, high = sample.meta["norm"][2:]

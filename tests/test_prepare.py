@@ -20,6 +20,7 @@ from data_prep.prepare import PrepareConfig, prepare_dataset
 from data_prep.shard_reader import iterate_shards, shard_paths
 from data_prep.verify import verify_dataset
 from data_prep.zarr_store import LabeledSlices
+from tests.anatomy import axial_layout
 
 
 def _nifti(path: Path) -> np.ndarray:
@@ -70,12 +71,13 @@ def test_shards_round_trip_bit_exact_and_hold_no_eval_patient(prepared: Path,
         assert "." not in sample.key
         assert meta["patient"] in train, f"evaluation patient {meta['patient']} leaked"
         patient = patients[meta["patient"]]
-        cine = cines.setdefault(patient.name, _nifti(patient.cine_path))
+        # the phantom is stored in RAS order; prepared slices follow the display convention
+        cine = cines.setdefault(patient.name, axial_layout(patient.cine_path))
         expected = cine[:, :, meta["slice"], meta["frame"] - 1]
         assert sample.raw.dtype == expected.dtype == np.uint16
         np.testing.assert_array_equal(sample.raw, expected)
         if meta["frame"] in patient.labeled_frames:
-            gt = _nifti(patient.frame_path(meta["frame"], label=True))[:, :, meta["slice"]]
+            gt = axial_layout(patient.frame_path(meta["frame"], label=True))[:, :, meta["slice"]]
             np.testing.assert_array_equal(sample.mask, gt)
         else:
             assert sample.mask is None
@@ -96,9 +98,9 @@ def test_zarr_store_round_trips_bit_exact(prepared: Path, phantom_root: Path) ->
             patient = patients[store.patient_of(index)]
             frame, z = int(store.frames[index]), int(store.slices[index])
             image, mask = store.raw(index)
-            np.testing.assert_array_equal(image, _nifti(patient.frame_path(frame))[:, :, z])
+            np.testing.assert_array_equal(image, axial_layout(patient.frame_path(frame))[:, :, z])
             np.testing.assert_array_equal(
-                mask, _nifti(patient.frame_path(frame, label=True))[:, :, z])
+                mask, axial_layout(patient.frame_path(frame, label=True))[:, :, z])
         assert store.group["image"].chunks[0] == 1  # one slice per chunk
 
 

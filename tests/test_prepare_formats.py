@@ -143,6 +143,7 @@ def test_dicom_series_with_seg_through_prepare(tmp_path: Path) -> None:
         for index in range(len(store)):
             image, mask = store.raw(index)
             assert image.dtype == np.int16  # Hounsfield units, kept integral
-            # the store holds (x = column, y = row): the SEG's (row, column) transposed
+            # an axial series (rows towards posterior, columns towards the patient's left)
+            # already has the display layout: the store holds the SEG's (row, column)
             labels = expected[store.patient_of(index)][int(store.slices[index])]
-            np.testing.assert_array_equal(mask, labels.T)
+            np.testing.assert_array_equal(mask, labels)
