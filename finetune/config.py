@@ -51,11 +51,21 @@ class FinetuneConfig:
     overlays: int = 4  # validation slices drawn as PNG overlays at the end
     # Save resumable state every N epochs (0 = never: an interrupted run starts over).
     checkpoint_every: int = 1
+    # Validate every N epochs (and after the last); convergence metrics use the validated
+    # epochs only, without interpolation. Validation batches hold val_batch_size slices.
+    val_every: int = 1
+    val_batch_size: int = 64
+    # torch.compile the U-Net; None: on for CUDA, off on the CPU.
+    compile: bool | None = None
+    # GB of device memory the labeled training subset and the validation split may take
+    # there (no host-to-device copy per step); larger sets stay in pinned host memory.
+    device_data_gb: float = 8.0
 
     def __post_init__(self) -> None:
         for key, lowest in (("budget", 0), ("epochs", 1), ("batch_size", 1),
                             ("epoch_samples", 0), ("freeze_encoder_epochs", 0),
-                            ("overlays", 0), ("checkpoint_every", 0)):
+                            ("overlays", 0), ("checkpoint_every", 0), ("val_every", 1),
+                            ("val_batch_size", 1)):
             if getattr(self, key) < lowest:
                 raise ValueError(f"{key} must be >= {lowest}, got {getattr(self, key)}")
         if self.freeze_encoder_epochs > self.epochs:
@@ -63,6 +73,8 @@ class FinetuneConfig:
                              f"epochs ({self.epochs})")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.device_data_gb < 0:
+            raise ValueError(f"device_data_gb must be >= 0, got {self.device_data_gb}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_epochs <= self.epochs:

@@ -15,6 +15,11 @@ wall-clock seconds taken by then:
   run perfect from epoch 1, defined for a single epoch, and higher for a run that gets
   good sooner. Comparable between runs with the same number of epochs.
 
+With validation every N epochs (``epochs`` gives the validated epoch numbers) nothing is
+interpolated: every "first epoch" is a validated one, and the AUC holds each validated
+Dice over the epochs since the previous validation. With every epoch validated the
+definitions above are unchanged.
+
 "At least" allows a relative 1e-9 below the threshold, so a Dice equal to 99% of the best
 on paper is not missed by float rounding of the product (0.99 * 0.81 > 0.8019).
 """
@@ -39,22 +44,32 @@ def first_reaching(curve: Sequence[float], threshold: float) -> int | None:
 
 
 def convergence_metrics(dice: Sequence[float], steps: Sequence[int], seconds: Sequence[float],
-                        targets: Sequence[float] = ()) -> dict[str, Any]:
-    """The convergence metrics of one run (see the module docstring), JSON-ready."""
+                        targets: Sequence[float] = (),
+                        epochs: Sequence[int] | None = None) -> dict[str, Any]:
+    """The convergence metrics of one run (see the module docstring), JSON-ready.
+
+    ``epochs``: the 1-based epoch of each curve point (default 1, 2, ...: every epoch).
+    """
     _check_curve(dice, steps, seconds)
+    numbers = list(range(1, len(dice) + 1)) if epochs is None else [int(e) for e in epochs]
+    if len(numbers) != len(dice) or any(b <= a for a, b in zip([0, *numbers], numbers)):
+        raise ValueError(f"epochs must be increasing positive numbers, one per Dice value; "
+                         f"got {numbers} for {len(dice)} values")
     best = max(dice)
-    result: dict[str, Any] = {"best_dice": float(best), "best_epoch": list(dice).index(best) + 1}
+    result: dict[str, Any] = {"best_dice": float(best),
+                              "best_epoch": numbers[list(dice).index(best)]}
     for fraction in FRACTIONS_OF_BEST:
         tag = f"{round(fraction * 100)}pct"
         index = first_reaching(dice, fraction * best)
-        result[f"epochs_to_{tag}"] = None if index is None else index + 1
+        result[f"epochs_to_{tag}"] = None if index is None else numbers[index]
         result[f"steps_to_{tag}"] = None if index is None else int(steps[index])
         result[f"seconds_to_{tag}"] = None if index is None else float(seconds[index])
     result["epochs_to_dice"] = {
-        f"{target:g}": (None if (i := first_reaching(dice, target)) is None else i + 1)
+        f"{target:g}": (None if (i := first_reaching(dice, target)) is None else numbers[i])
         for target in targets
     }
-    result["normalised_auc"] = math.fsum(dice) / len(dice)
+    held = [b - a for a, b in zip([0, *numbers], numbers)]  # epochs each value stands for
+    result["normalised_auc"] = math.fsum(d * h for d, h in zip(dice, held)) / numbers[-1]
     return result
 
 

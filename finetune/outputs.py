@@ -46,13 +46,15 @@ def result_row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def epochs_csv(metrics: dict[str, Any]) -> str:
-    """The per-epoch curve as CSV, a column per validation class too."""
-    classes = list(metrics["epochs"][0]["val_dice_per_class"]) if metrics["epochs"] else []
+    """The per-epoch curve as CSV, a column per validation class too; the validation
+    cells of epochs that were not validated (``val_every``) are empty."""
+    validated = [r for r in metrics["epochs"] if r.get("val_dice_per_class")]
+    classes = list(validated[0]["val_dice_per_class"]) if validated else []
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*_EPOCH_COLUMNS, *(f"val_dice_{name}" for name in classes)])
     for record in metrics["epochs"]:
-        per_class = record["val_dice_per_class"]
+        per_class = record["val_dice_per_class"] or {}
         writer.writerow([_cell(record.get(column)) for column in _EPOCH_COLUMNS]
                         + [_cell(per_class.get(name)) for name in classes])
     return out.getvalue()

@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 
 from finetune.data import load_slices
+from finetune.device_data import DeviceSlices
 from finetune.model import build_unet
 from finetune.overlays import CLASS_COLOURS
 from finetune.report_figures import Palette, save
@@ -86,7 +87,8 @@ def _predict(run: dict[str, Any], images: torch.Tensor, num_classes: int) -> tor
     model = build_unet(run["arch"], images.shape[1], num_classes)
     state = safetensors.torch.load_file(str(Path(run["run_dir"]) / BEST_WEIGHTS))
     model.load_state_dict(state)
-    return predict(model, images, torch.device("cpu"), batch_size=len(images))
+    cpu = torch.device("cpu")
+    return predict(model, DeviceSlices.images_only(images, cpu), cpu, batch_size=len(images))
 
 
 def _contours(ax: plt.Axes, labels: np.ndarray, num_classes: int) -> None:

@@ -99,9 +99,12 @@ def _assigned_resources() -> tuple[float, float]:
 
 
 def _epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    return {"epoch": record["epoch"], "val_dice": record["val_dice"],
-            "train_loss": record["train_loss"], "images_per_s": record["train_images_per_s"],
-            "seconds": record["seconds"], "complete": False}
+    reported = {"epoch": record["epoch"], "train_loss": record["train_loss"],
+                "images_per_s": record["train_images_per_s"], "seconds": record["seconds"],
+                "complete": False}
+    if record["val_dice"] is not None:  # an epoch between validations (val_every) has none
+        reported["val_dice"] = record["val_dice"]
+    return reported
 
 
 def _read_trial_info(run_dir: Path) -> dict[str, Any]:

@@ -7,14 +7,12 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
-from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -23,15 +21,16 @@ from cluster.atomic import atomic_path, atomic_write_json
 from cluster.config import to_dict
 from cluster.run_dir import write_run_info
 from data_prep.manifest import Manifest
-from finetune.augment import augment_pair
 from finetune.budgets import budget_subset, epoch_indices, epoch_length
 from finetune.config import FinetuneConfig
 from finetune.convergence import convergence_metrics
 from finetune.data import SliceSet, load_slices, require_whole_volumes, slice_patients
+from finetune.device_data import DeviceSlices, place, place_splits
 from finetune.metrics import SegmentationMetrics
-from finetune.model import build_optimizer, build_unet, initialise_encoder, set_encoder_frozen
+from finetune.model import build_unet, initialise_encoder, set_encoder_frozen
 from finetune.outputs import METRICS_FILE, write_outputs
 from finetune.overlays import save_overlay
+from finetune.step import autocast, build_step
 from pretrain.schedules import warmup_cosine
 
 BEST_WEIGHTS = "best.safetensors"
@@ -74,9 +73,10 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.parameters(), config.optimizer, config.lr,
-                                config.weight_decay)
-    loss_fn = _loss(config.loss)
+    # the compiled module shares the model's parameters; state is saved from ``model``
+    train_step = build_step(model, config, device)
+    forward, optimizer = train_step.forward, train_step.optimizer
+    train_data, val_data = place_splits(train_set, val_set, device, config.device_data_gb)
 
     samples = epoch_length(len(subset), config.epoch_samples)
     steps_per_epoch = max(1, samples // config.batch_size)
@@ -90,10 +90,13 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         history, step, elapsed = resumed["history"], resumed["step"], resumed["elapsed"]
-        best_dice = max((h["val_dice"] for h in history), default=-1.0)
+        best_dice = max((h["val_dice"] for h in history if h["val_dice"] is not None),
+                        default=-1.0)
         print(f"resuming from {run_dir / LAST_CHECKPOINT}: epoch {len(history) + 1} of "
               f"{config.epochs}, step {step} of {total_steps}", flush=True)
-    run = {"train_slices": len(subset), "init_chain": init_chain}
+    run = {"train_slices": len(subset), "init_chain": init_chain,
+           "data_on_device": {"train": train_data.resident, "val": val_data.resident},
+           "compiled": train_step.compiled}
     write_run_info(run_dir, config, run)
     _log_start(run_dir, len(history), start_context)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -105,51 +108,39 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
         rng = np.random.default_rng([config.seed, epoch])
         generator = torch.Generator(device=device).manual_seed(
             config.seed * 100_003 + epoch)
-        order = epoch_indices(np.arange(len(train_set)), samples, rng)
+        order = torch.as_tensor(epoch_indices(np.arange(len(train_data)), samples, rng),
+                                device=train_data.index_device())
         model.train()
         frozen = epoch < config.freeze_encoder_epochs
         set_encoder_frozen(model, frozen)  # after train(), which resets BatchNorm modes
-        losses = []
+        # summed on the device and read once per epoch: no host synchronisation per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch_start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
-            batch = order[batch_start:batch_start + config.batch_size]
-            images, masks = _to_device(train_set.images[batch], train_set.masks[batch],
-                                       device)
-            # image and mask move together, on the training device, per-sample parameters
-            images, masks = augment_pair(images, masks, config.augment, generator)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
             lr = warmup_cosine(step, total_steps, warmup_steps, config.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(device):
-                logits = model(images)
-            loss = loss_fn(logits.float(), masks[:, None])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            loss_sum += train_step(train_data, order[batch_start:batch_start + config.batch_size],
+                                   generator, lr)
             step += 1
+        train_loss = loss_sum.item() / steps_per_epoch
         train_seconds = time.perf_counter() - start
-        val = evaluate(model, val_set, manifest.class_names, device,
-                       config.batch_size).summary(hd95=False)
+        validated = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
+        val = None
+        if validated:
+            val = evaluate(forward, val_data, val_set, manifest.class_names, device,
+                           config.val_batch_size).summary(hd95=False)
         elapsed += time.perf_counter() - start
         record = {
             "epoch": epoch + 1, "step": step, "seconds": round(elapsed, 3),
-            "train_loss": float(np.mean(losses)), "lr": lr, "encoder_frozen": frozen,
+            "train_loss": train_loss, "lr": lr, "encoder_frozen": frozen,
             "train_images_per_s": round(steps_per_epoch * config.batch_size / train_seconds, 2),
-            # the volume Dice selects the best epoch; a NaN (no foreground at all in the
-            # validation split) counts as 0 so that selection stays defined
-            "val_dice": val["volume_dice"]["mean"] or 0.0,
-            "val_iou": val["volume_iou"]["mean"],
-            "val_dice_per_class": val["volume_dice"]["per_class"],
-            "val_slice_dice": val["slice_dice"]["mean"],
+            **_validation_record(val),
         }
         history.append(record)
         _log_epoch(writer, record)
-        bar.set_postfix(val_dice=f"{record['val_dice']:.3f}")
-        if record["val_dice"] > best_dice:
-            best_dice = record["val_dice"]
-            _save_weights(model, run_dir / BEST_WEIGHTS)
+        if val is not None:
+            bar.set_postfix(val_dice=f"{record['val_dice']:.3f}")
+            if record["val_dice"] > best_dice:
+                best_dice = record["val_dice"]
+                _save_weights(model, run_dir / BEST_WEIGHTS)
         if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0:
             _save_last(run_dir, model, optimizer, history, step, elapsed)
         atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, run, None))
@@ -157,8 +148,8 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
             on_epoch(record)
 
     model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
-    summary = evaluate(model, test_set, manifest.class_names, device,
-                       config.batch_size).summary()
+    summary = evaluate(forward, place(test_set, device, 0), test_set, manifest.class_names,
+                       device, config.val_batch_size).summary()
     test = {"dice": summary["volume_dice"]["mean"], "iou": summary["volume_iou"]["mean"],
             "hd95_mm": summary["volume_hd95_mm"]["mean"],
             "dice_per_class": summary["volume_dice"]["per_class"], "summary": summary}
@@ -176,56 +167,67 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     return metrics
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, device: torch.device,
+def predict(model: nn.Module, data: DeviceSlices, device: torch.device,
             batch_size: int) -> torch.Tensor:
+    """Class-id predictions (N, H, W) uint8 on the host, in bf16 on CUDA.
+
+    Every batch has ``batch_size`` rows (the last one padded by repeating its first
+    index), so a compiled model sees one shape; predictions stay on the device until the
+    end: one copy back, no synchronisation per batch.
+    """
     model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            outputs.append(model(batch).argmax(dim=1).cpu())
-    return torch.cat(outputs)
+    count, outputs = len(data), []
+    index = torch.arange(count, device=data.index_device())
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            rows = index[start:start + batch_size]
+            padded = torch.cat([rows, rows[:1].expand(batch_size - len(rows))])
+            images = data.images_at(padded)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                outputs.append(model(images).argmax(dim=1)[:len(rows)].to(torch.uint8))
+    return torch.cat(outputs).cpu()
 
 
-def evaluate(model: nn.Module, slices: SliceSet, class_names: list[str],
+def evaluate(model: nn.Module, data: DeviceSlices, slices: SliceSet, class_names: list[str],
              device: torch.device, batch_size: int) -> SegmentationMetrics:
+    """Volume and slice metrics of ``model`` on ``data`` (``slices``: its metadata)."""
     metrics = SegmentationMetrics(len(class_names), class_names)
-    prediction = predict(model, slices.images, device, batch_size)
-    metrics.update(prediction.numpy(), slices.masks.numpy(), slices.volumes, slices.positions,
-                   slices.spacing)
+    prediction = predict(model, data, device, batch_size)
+    metrics.update(prediction.long().numpy(), slices.masks.numpy(), slices.volumes,
+                   slices.positions, slices.spacing)
     return metrics
 
 
-def _loss(name: str) -> nn.Module:
-    if name == "jaccard":
-        return DiceLoss(to_onehot_y=True, softmax=True, jaccard=True)
-    return DiceCELoss(to_onehot_y=True, softmax=True)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _to_device(images: torch.Tensor, masks: torch.Tensor,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+def _validation_record(val: dict[str, Any] | None) -> dict[str, Any]:
+    """An epoch's validation fields; None where the epoch was not validated."""
+    if val is None:
+        return {"validated": False, "val_dice": None, "val_iou": None,
+                "val_dice_per_class": None, "val_slice_dice": None}
+    # the volume Dice selects the best epoch; a NaN (no foreground at all in the
+    # validation split) counts as 0 so that selection stays defined
+    return {"validated": True, "val_dice": val["volume_dice"]["mean"] or 0.0,
+            "val_iou": val["volume_iou"]["mean"],
+            "val_dice_per_class": val["volume_dice"]["per_class"],
+            "val_slice_dice": val["slice_dice"]["mean"]}
 
 
 def _metrics(config: FinetuneConfig, history: list[dict[str, Any]], run: dict[str, Any],
              test: dict[str, Any] | None) -> dict[str, Any]:
-    curve = [h["val_dice"] for h in history]
+    validated = [h for h in history if h["val_dice"] is not None]
     return {
         "init": config.label, "arch": config.arch, "budget": config.budget,
         "budget_unit": config.budget_unit, "train_slices": run["train_slices"],
         "init_chain": run["init_chain"], "seed": config.seed, "epochs": history,
-        "convergence": convergence_metrics(curve, [h["step"] for h in history],
-                                           [h["seconds"] for h in history],
-                                           config.dice_targets),
+        "validation": {
+            "every": config.val_every, "epochs": [h["epoch"] for h in validated],
+            "convergence_basis": "validated epochs only; nothing interpolated"},
+        # None until the first validation (the last epoch is always validated)
+        "convergence": convergence_metrics(
+            [h["val_dice"] for h in validated], [h["step"] for h in validated],
+            [h["seconds"] for h in validated], config.dice_targets,
+            [h["epoch"] for h in validated]) if validated else None,
         "test": test, "complete": test is not None, "run_dir": config.out,
         "config": to_dict(config),
     }
@@ -238,7 +240,8 @@ def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> dict[str, Any] 
     metrics = json.loads(path.read_text())
     if not metrics.get("complete"):
         return None
-    if metrics.get("config") != to_dict(config):
+    # a run finished before a config key existed recorded no value for it: the default
+    if {**to_dict(FinetuneConfig()), **metrics.get("config", {})} != to_dict(config):
         raise ValueError(f"{run_dir} holds a finished run with another config; "
                          "choose another out folder")
     return metrics
@@ -286,6 +289,8 @@ def _log_epoch(writer: SummaryWriter, record: dict[str, Any]) -> None:
     writer.add_scalar("train/lr", record["lr"], epoch)
     writer.add_scalar("train/encoder_frozen", float(record["encoder_frozen"]), epoch)
     writer.add_scalar("perf/images_per_s", record["train_images_per_s"], epoch)
+    if record["val_dice"] is None:  # not a validation epoch (val_every)
+        return
     writer.add_scalar("val/dice", record["val_dice"], epoch)
     for key in ("val_iou", "val_slice_dice"):
         if record[key] is not None:
@@ -301,7 +306,8 @@ def _write_overlays(model: nn.Module, slices: SliceSet, class_names: list[str], 
         return
     foreground = (slices.masks > 0).flatten(1).sum(1)
     chosen = torch.argsort(foreground, descending=True)[:count]
-    predictions = predict(model, slices.images[chosen], device, len(chosen))
+    predictions = predict(model, DeviceSlices.images_only(slices.images[chosen], device),
+                          device, len(chosen))
     for rank, (index, prediction) in enumerate(zip(chosen.tolist(), predictions)):
         save_overlay(folder / f"{rank:02d}_{slices.volumes[index]}.png",
                      slices.images[index, 0].numpy(), slices.masks[index].numpy(),

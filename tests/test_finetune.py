@@ -147,3 +147,40 @@ def test_cli_trains_one_budget(prepared: Path, tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert too_many.returncode != 0
     assert "exceeds the 'train' split" in too_many.stderr
+
+
+def test_validation_every_k_epochs_leaves_training_unchanged(prepared: Path,
+                                                              tmp_path: Path) -> None:
+    """val_every=2 validates epochs 2 and 4 (and the last); training is the same as with
+    every epoch validated, and the convergence metrics use the validated epochs alone."""
+    def fine_tune(out: Path, **overrides: object) -> dict:
+        return train_run(small_config(prepared, out, epochs=5, budget=3, overlays=0,
+                                      **overrides))
+
+    every = fine_tune(tmp_path / "every")
+    sparse = fine_tune(tmp_path / "sparse", val_every=2, val_batch_size=5)
+    assert [e["train_loss"] for e in sparse["epochs"]] == \
+        [e["train_loss"] for e in every["epochs"]]
+    assert [e["validated"] for e in sparse["epochs"]] == [False, True, False, True, True]
+    assert sparse["validation"]["epochs"] == [2, 4, 5]
+    # validation batches of 5 (the last padded) predict what batches of 64 predict
+    for epoch in (2, 4, 5):
+        assert sparse["epochs"][epoch - 1]["val_dice"] == every["epochs"][epoch - 1]["val_dice"]
+    assert sparse["epochs"][0]["val_dice"] is None
+    curve = [sparse["epochs"][e - 1]["val_dice"] for e in (2, 4, 5)]
+    convergence = sparse["convergence"]
+    assert convergence["best_epoch"] == (2, 4, 5)[curve.index(max(curve))]
+    assert convergence["epochs_to_95pct"] in (2, 4, 5)
+    # each validated Dice stands for the epochs since the previous validation: 2, 2, 1
+    assert convergence["normalised_auc"] == pytest.approx(
+        (2 * curve[0] + 2 * curve[1] + curve[2]) / 5)
+    with (tmp_path / "sparse" / EPOCHS_FILE).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["val_dice"] == "" for r in rows] == [True, False, True, False, False]
+    events = EventAccumulator(str(tmp_path / "sparse" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/dice")] == [2, 4, 5]
+    assert len(events.Scalars("train/loss")) == 5
+    info = json.loads((tmp_path / "sparse" / "run_info.json").read_text())
+    assert info["data_on_device"] == {"train": True, "val": True}
+    assert info["compiled"] is False  # compile defaults to off on the CPU
