@@ -1,28 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent H100/H200 (finishes in about 7 minutes):
-#   1. pretraining throughput at the design's settings -- ResNet-50 BYOL, 224 px crops,
-#      batch 256 x 2 views, bf16, channels_last, torch.compile -- next to a plain
-#      timm + PyTorch step in the same process; loader alone; data wait; MFU;
-#   2. the pretraining engine itself on CUDA (python -m pretrain, compiled, bf16), run,
-#      then resumed for one more epoch from its checkpoint;
+# The GPU checks, as one script for a lent H100/H200 (the default finishes in under 8 minutes):
+#   suite. (the default) every stage's benchmark next to its same-run baseline at GPU sizes:
+#      python benchmarks/run.py --gpu -- dataset conversion, the shard loader (and what the
+#      compiled ResNet-50 step consumes, target >= 1.3x; data wait < 5%), pretraining steps
+#      (ResNet-50 and ViT-S/16, bf16, channels_last, compiled) against plain timm steps,
+#      fine-tuning trials packed 1/2/4/8 per GPU, the fine-tuning step against a plain smp
+#      U-Net loop with the reference grid's projected GPU-hours, the sweep's overhead (needs
+#      Ray: skipped here) and multi-GPU scaling (needs 2 GPUs: skipped on one). The table is
+#      appended to benchmarks/RESULTS.md and the JSON written to benchmarks/results/.
+# Correctness checks of the engines on CUDA, by name in SECTIONS (e.g. SECTIONS="2 3"):
+#   2. the pretraining engine itself (python -m pretrain, compiled, bf16), run, then resumed;
 #   3. each method (SimCLR, Barlow Twins, VICReg, BYOL) with LARS through the engine;
-#   4. the DeepSpeed backend (ZeRO 2, bf16 autocast, 2 accumulated micro batches) through
-#      the engine, then resumed from its optimizer shards; a ViT-S/16 through the engine;
-#   5. (not in the default SECTIONS; about 2 minutes) loader-only throughput: the shard
-#      loader + GPU augmentation (and DALI where installed) against a PIL + torchvision
-#      DataLoader baseline, 4 and 8 workers, batch 256, 224 px, next to the views/s a
-#      compiled ResNet-50 BYOL step consumes (target >= 1.3x);
-#   6. (not in the default SECTIONS; about 1 minute) a U-Net fine-tune on CUDA (bf16
-#      autocast, channels_last, joint augmentation on the GPU): 3 epochs, images/s and the
-#      validation curve. Needs monai and segmentation-models-pytorch in WHEELS.
-#   7. (not in the default SECTIONS; about 4 minutes) fine-tuning trials packed on one GPU
-#      as a sweep with resources.gpu=1/K packs them, without Ray (its wheel is too large to
-#      carry): K = 1, 2, 4, 8 processes at once, each capped to 1/K of the GPU's memory and
-#      running 2 ResNet-50 U-Net trials one after another; trials finished per hour, GPU
-#      busy fraction (nvidia-smi every 0.5 s), images/s. Needs the wheels of section 6.
-# The GPU image lacks webdataset, zarr, nibabel and DeepSpeed: pass a folder of their wheels as
-# WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is too large to
-# carry there, so its GPU pipeline is not measured here.
+#   4. the DeepSpeed backend (ZeRO 2, bf16 autocast, 2 accumulated micro batches), then
+#      resumed from its optimizer shards; a ViT-S/16 through the engine;
+#   6. a U-Net fine-tune on CUDA (compiled, bf16, device-resident data): 3 epochs.
+# The GPU image lacks webdataset, zarr, nibabel, monai, smp and DeepSpeed: pass a folder of
+# their wheels as WHEELS (see benchmarks/RESULTS.md for the exact command). DALI's wheel is
+# too large to carry there, so its GPU pipeline is not measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,20 +28,18 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 WORK=${WORK:-/tmp/medssl-gpu}
 mkdir -p "$WORK"
+if [[ -n "${DRY_RUN:-}" ]]; then  # on a machine without a GPU: what would run
+    exec python3 benchmarks/run.py --gpu --dry-run --work "$WORK/suite"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 echo "cpus $(nproc), /dev/shm $(df -h /dev/shm | awk 'NR==2 {print $2}')"
 
-SECTIONS=${SECTIONS:-"1 2 3"}  # e.g. SECTIONS="2 3" to rerun only the engine checks
+SECTIONS=${SECTIONS:-"suite"}  # e.g. SECTIONS="suite 2 3"
+if [[ "$SECTIONS" =~ [2346] ]]; then  # the engine checks share one prepared phantom
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
 from pretrain_throughput import make_dataset; make_dataset(Path('$WORK'), 256, 12)"
-
-[[ " $SECTIONS " == *" 1 "* ]] && {
-echo "== 1. pretraining throughput: ResNet-50 BYOL, 224 px, batch 256, bf16, compiled"
-timeout 330 python3 benchmarks/pretrain_throughput.py --work "$WORK" --arch resnet50 \
-    --batch 256 --crop 224 --image-size 256 --patients 12 --workers 10 --steps ${STEPS:-30} \
-    --warmup 5 --precision bf16 --compile
-}
+fi
 
 [[ " $SECTIONS " == *" 2 "* ]] && {
 echo "== 2. engine on CUDA: python -m pretrain (resnet18, compiled BYOL), then resume"
@@ -128,12 +120,6 @@ echo "vit: $((SECONDS - start)) s with start-up and compilation"
 report "$WORK/vit_run"
 }
 
-[[ " $SECTIONS " == *" 5 "* ]] && {
-echo "== 5. loader-only throughput vs PIL + torchvision, and vs ResNet-50 consumption"
-timeout 300 python3 benchmarks/loader_throughput.py --work "$WORK" --data "$WORK/prepared_256" \
-    --batch 256 --crop 224 --workers 4 8 --warmup 3 --timed ${LOADER_BATCHES:-20} \
-    --consumption-arch resnet50 --compile
-}
 [[ " $SECTIONS " == *" 6 "* ]] && {
 echo "== 6. fine-tuning on CUDA: U-Net on resnet50, bf16, channels_last, 3 epochs"
 start=$SECONDS
@@ -149,10 +135,8 @@ for e in metrics["epochs"]:
 print(f"test {metrics['test']['dice']}, {sys.argv[2]} s with start-up")
 PY
 }
-[[ " $SECTIONS " == *" 7 "* ]] && {
-echo "== 7. fine-tuning trials packed on one GPU: 1, 2, 4, 8 at once (resnet50 U-Net, bf16)"
-timeout 420 python3 benchmarks/finetune_packing.py --work "$WORK" --data "$WORK/prepared_256" \
-    --concurrency 1 2 4 8 --rounds ${PACKING_ROUNDS:-2} --arch resnet50 --epochs 3 \
-    --batch 32 --epoch-samples 512 --timeout 150 --json "$WORK/packing.json"
+[[ " $SECTIONS " == *" suite "* ]] && {
+echo "== suite: every stage's benchmark at GPU sizes (python benchmarks/run.py --gpu)"
+timeout 470 python3 benchmarks/run.py --gpu --work "$WORK/suite" || true
 }
 exit 0

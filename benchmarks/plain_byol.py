@@ -21,10 +21,13 @@ def _head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
 
 
 class PlainByol(nn.Module):
-    def __init__(self, arch: str, in_chans: int, hidden: int, out_dim: int = 256):
+    def __init__(self, arch: str, in_chans: int, hidden: int, out_dim: int = 256,
+                 img_size: int | None = None):
         super().__init__()
+        # fixed-size models (ViTs) are built for the crop, as a textbook script would
+        size = {} if img_size is None else {"img_size": img_size}
         self.encoder = timm.create_model(arch, pretrained=False, num_classes=0,
-                                         in_chans=in_chans)
+                                         in_chans=in_chans, **size)
         self.projector = _head(self.encoder.num_features, hidden, out_dim)
         self.predictor = _head(out_dim, hidden, out_dim)
         self.target = copy.deepcopy(nn.Sequential(self.encoder, self.projector))
@@ -41,9 +44,10 @@ class PlainByol(nn.Module):
 
 
 def make_plain_step(arch: str, in_chans: int, hidden: int, device: torch.device, *,
-                    bf16: bool, channels_last: bool, compile: bool):
+                    bf16: bool, channels_last: bool, compile: bool,
+                    img_size: int | None = None):
     """Return ``step(view1, view2)`` running one full BYOL optimisation step."""
-    model = PlainByol(arch, in_chans, hidden).to(device)
+    model = PlainByol(arch, in_chans, hidden, img_size=img_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile else model

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ from pretrain.config import (
 from pretrain.data import Stretch, build_loader, epoch_length
 from pretrain.model import build_model
 from pretrain.step import autocast_for, ssl_step
+from pretrain.weights import takes_img_size
 
 
 def make_dataset(work: Path, image_size: int, patients: int) -> Path:
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats of --steps steps (median and spread reported)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--projector-hidden", type=int, default=4096)
@@ -115,8 +119,11 @@ def main() -> None:
 
     # 1. baseline: the textbook timm + PyTorch BYOL step on random tensors on the device
     plain = make_plain_step(args.arch, 1, args.projector_hidden, device, bf16=bf16,
-                            channels_last=channels_last, compile=args.compile)
-    plain_s = time_steps(lambda: plain(noise[0], noise[1]), args.warmup, args.steps, device)
+                            channels_last=channels_last, compile=args.compile,
+                            img_size=args.crop if takes_img_size(args.arch) else None)
+    plain_runs = time_steps(lambda: plain(noise[0], noise[1]), args.warmup, args.steps,
+                            args.repeats, device)
+    plain_s = statistics.median(plain_runs)
     plain = None  # free the baseline's memory before building ours
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -132,7 +139,9 @@ def main() -> None:
         ssl_step(trained, byol, optimizer, view1, view2, lr=1e-4, momentum=0.996,
                   precision=args.precision, channels_last=channels_last)
 
-    ours_s = time_steps(lambda: step(noise[0], noise[1]), args.warmup, args.steps, device)
+    ours_runs = time_steps(lambda: step(noise[0], noise[1]), args.warmup, args.steps,
+                           args.repeats, device)
+    ours_s = statistics.median(ours_runs)
     flops = step_flops(byol, noise, args.precision, channels_last)
 
     # 3. loader alone
@@ -184,6 +193,10 @@ def main() -> None:
         "device": name, "arch": args.arch, "batch": args.batch, "crop": args.crop,
         "precision": args.precision, "compile": args.compile, "workers": args.workers,
         "plain_views_per_s": round(plain_views, 1), "ours_views_per_s": round(ours_views, 1),
+        "plain_views_per_s_range": [round(views / max(plain_runs), 1),
+                                    round(views / min(plain_runs), 1)],
+        "ours_views_per_s_range": [round(views / max(ours_runs), 1),
+                                   round(views / min(ours_runs), 1)],
         "real_views_per_s": round(real_views, 1),
         "real_over_plain": round(real_views / plain_views, 3),
         "loader_images_per_s": round(loader_images_per_s, 1),
@@ -193,16 +206,29 @@ def main() -> None:
     }))
 
 
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per step after ``warmup`` untimed steps (which include compilation)."""
+def time_steps(step, warmup: int, steps: int, repeats: int,
+               device: torch.device) -> list[float]:
+    """Seconds per step of each of ``repeats`` runs of ``steps`` steps, after ``warmup``
+    untimed steps (which include compilation); CUDA events on a GPU."""
     for _ in range(warmup):
         step()
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    runs = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            begin.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            runs.append(begin.elapsed_time(end) / 1000 / steps)
+        else:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            runs.append((time.perf_counter() - start) / steps)
+    return runs
 
 
 def step_flops(byol, noise: torch.Tensor, precision: str, channels_last: bool) -> float:

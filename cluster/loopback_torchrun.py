@@ -1,10 +1,10 @@
-"""``torchrun`` whose servers listen on 127.0.0.1 only, for the tests.
+"""``torchrun`` whose servers listen on 127.0.0.1 only (tests, one-machine benchmarks).
 
 torch's TCPStore (the c10d rendezvous store and the agents' store) binds every interface
 even when given 127.0.0.1, and no torchrun option changes that; its one supported
 control is ``master_listen_fd``, a socket bound by the caller. This wrapper binds each
 store to 127.0.0.1 that way, then runs torchrun's own ``main`` with the same arguments:
-``python tests/loopback_torchrun.py --nnodes=1 ... -m pretrain ...``.
+``python -m cluster.loopback_torchrun --nnodes=1 ... -m pretrain ...``.
 """
 
 from __future__ import annotations

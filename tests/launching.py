@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LOOPBACK_TORCHRUN = Path(__file__).with_name("loopback_torchrun.py")
+LOOPBACK_TORCHRUN = Path(__file__).resolve().parents[1] / "cluster" / "loopback_torchrun.py"
 
 
 def free_port() -> int:
