@@ -38,8 +38,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ from monai.losses import DiceCELoss
 
 # Run as a script, this folder is on sys.path: the phantom the sweep benchmark makes.
 from sweep_overhead import make_phantom
+from timing import timed_runs
 
 from data_prep.manifest import Manifest
 from finetune.config import FinetuneConfig
@@ -56,36 +55,6 @@ from finetune.device_data import place_splits
 from finetune.model import build_unet
 from finetune.step import autocast, build_step
 from finetune.train import predict
-
-
-def timed(step: Callable[[], object], steps: int, warmup: int, repeats: int,
-          device: torch.device) -> list[float]:
-    """Seconds of ``steps`` calls of ``step``, ``repeats`` times, after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    synchronise(device)
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                enable_timing=True)
-            begin.record()
-            for _ in range(steps):
-                step()
-            end.record()
-            end.synchronize()
-            seconds.append(begin.elapsed_time(end) / 1000)
-        else:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def rate(seconds: list[float], images: int) -> dict[str, float]:
@@ -118,7 +87,7 @@ def plain_loop(args: argparse.Namespace, classes: int, device: torch.device,
         optimizer.step()
 
     model.train()
-    return rate(timed(step, args.steps, args.warmup, args.repeats, device),
+    return rate(timed_runs(step, args.steps, args.warmup, args.repeats, device),
                 args.steps * args.batch)
 
 
@@ -145,14 +114,14 @@ def real_path(args: argparse.Namespace, data: Path, device: torch.device,
         return train_step(train_data, index, generator, 1e-4)
 
     model.train()
-    steps = rate(timed(step, args.steps, args.warmup, args.repeats, device),
+    steps = rate(timed_runs(step, args.steps, args.warmup, args.repeats, device),
                  args.steps * args.batch)
 
     def validate() -> None:
         predict(train_step.forward, val_data, device, args.val_batch)
         model.train()
 
-    val_seconds = timed(validate, 1, 1, args.repeats, device)
+    val_seconds = timed_runs(validate, 1, 1, args.repeats, device)
 
     def epoch() -> None:
         losses = torch.zeros((), dtype=torch.float64, device=device)
@@ -161,7 +130,7 @@ def real_path(args: argparse.Namespace, data: Path, device: torch.device,
         losses.item()
         validate()
 
-    epoch_seconds = timed(epoch, 1, 0, 1, device)
+    epoch_seconds = timed_runs(epoch, 1, 0, 1, device)
     return {"step": steps, "val_pass_s": statistics.median(val_seconds),
             "val_slices": len(val_data), "epoch_s": epoch_seconds[0],
             "epoch_images": max(1, args.epoch_samples // args.batch) * args.batch,

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +52,8 @@ from PIL import Image
 # Run as a script, this folder is on sys.path: the phantom dataset and the plain step that
 # the other benchmarks use live beside this file.
 from plain_byol import make_plain_step
-from pretrain_throughput import make_dataset, synchronize, time_steps
+from pretrain_throughput import make_dataset, time_steps
+from timing import synchronize
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
@@ -247,8 +249,8 @@ def consumption_views_per_s(arch: str, args: argparse.Namespace,
                            channels_last=True, compile=args.compile)
     noise = torch.randn(2, args.batch, 1, args.crop, args.crop, device=device)
     seconds = time_steps(lambda: step(noise[0], noise[1]), max(args.warmup, 3), args.timed,
-                         device)
-    return 2 * args.batch / seconds
+                         3, device)
+    return 2 * args.batch / statistics.median(seconds)
 
 
 # --- report ------------------------------------------------------------------------------

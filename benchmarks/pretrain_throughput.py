@@ -35,6 +35,7 @@ import torch
 
 # Run as a script, this folder is on sys.path: the baseline lives beside this file.
 from plain_byol import make_plain_step
+from timing import synchronize, timed_runs
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_prep.phantom import PhantomConfig, write_acdc_tree
@@ -62,11 +63,6 @@ def make_dataset(work: Path, image_size: int, patients: int) -> Path:
                                       pretrain_splits=["train", "val", "test"]),
                         progress=False)
     return prepared
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def endless_batches(data: Path, batch: int, workers: int,
@@ -208,27 +204,8 @@ def main() -> None:
 
 def time_steps(step, warmup: int, steps: int, repeats: int,
                device: torch.device) -> list[float]:
-    """Seconds per step of each of ``repeats`` runs of ``steps`` steps, after ``warmup``
-    untimed steps (which include compilation); CUDA events on a GPU."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    runs = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            begin.record()
-            for _ in range(steps):
-                step()
-            end.record()
-            end.synchronize()
-            runs.append(begin.elapsed_time(end) / 1000 / steps)
-        else:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            runs.append((time.perf_counter() - start) / steps)
-    return runs
+    """Seconds per step of each of ``repeats`` runs of ``steps`` steps."""
+    return [seconds / steps for seconds in timed_runs(step, steps, warmup, repeats, device)]
 
 
 def step_flops(byol, noise: torch.Tensor, precision: str, channels_last: bool) -> float:
