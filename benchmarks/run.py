@@ -84,7 +84,7 @@ def _sizes(profile: str, tiny: list[str], cpu: list[str], gpu: list[str]) -> lis
 def _prepare_args(profile: str, work: Path) -> list[str]:
     return ["--work", str(work / "prepare"), *_sizes(
         profile, ["--patients", "2", "--image-size", "32", "--repeats", "1"],
-        ["--patients", "6", "--image-size", "96", "--repeats", "2"],
+        ["--patients", "12", "--image-size", "192", "--repeats", "2"],
         ["--patients", "24", "--image-size", "256", "--repeats", "2"])]
 
 
