@@ -46,10 +46,12 @@ from pretrain.config import (
     MethodConfig,
     ModelConfig,
     PretrainConfig,
+    ProbeConfig,
     RunConfig,
 )
 from pretrain.data import Stretch, build_loader, epoch_length
 from pretrain.model import build_model
+from pretrain.probe import SegmentationProbe
 from pretrain.step import autocast_for, ssl_step
 from pretrain.weights import takes_img_size
 
@@ -89,6 +91,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--probe-epoch-images", type=int, default=22000,
+                        help="images per epoch the probe's share is taken against (ACDC's "
+                             "training cine slices: 80 patients x ~30 frames x ~9 slices); "
+                             "0: no probe")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed repeats of --steps steps (median and spread reported)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -165,8 +171,20 @@ def main() -> None:
     synchronize(device)
     real_s = (time.perf_counter() - start) / args.steps
 
+    # 5. the live segmentation probe at its default settings, once, on this encoder; its
+    # share of wall time when it runs after every epoch of --probe-epoch-images images
+    probe_s = None
+    if args.probe_epoch_images:
+        probe = SegmentationProbe(ProbeConfig(every_epochs=1), str(data), args.crop, device)
+        probe.run(byol.online_encoder)  # warm-up (kernels, allocator)
+        probe_s = probe.run(byol.online_encoder)["seconds"]
+
     views = 2 * args.batch
     plain_views, ours_views, real_views = views / plain_s, views / ours_s, views / real_s
+    probe_share = None
+    if probe_s is not None:
+        epoch_s = args.probe_epoch_images / (real_views / 2)
+        probe_share = probe_s / (probe_s + epoch_s)
     consumption = args.batch / plain_s  # images/s the baseline step can take
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     achieved = flops / real_s / 1e12
@@ -182,6 +200,9 @@ def main() -> None:
     print(f"{'loader alone (images/s)':<40}{loader_images_per_s:>10.1f}{'':>10}"
           f"{loader_images_per_s / consumption:>10.2f}  (vs images/s the baseline consumes)")
     print(f"data wait: {100 * wait / (real_s * args.steps):.1f}% of real-path step time")
+    if probe_share is not None:
+        print(f"segmentation probe: {probe_s:.2f} s each, {100 * probe_share:.1f}% of wall "
+              f"time after every epoch of {args.probe_epoch_images} images (target < 5%)")
     mfu = f", MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}" \
         if device.type == "cuda" else ""
     print(f"model FLOPs per step {flops / 1e12:.2f} TFLOP; real path {achieved:.1f} TFLOP/s{mfu}")
@@ -198,6 +219,8 @@ def main() -> None:
         "loader_images_per_s": round(loader_images_per_s, 1),
         "loader_over_consumption": round(loader_images_per_s / consumption, 3),
         "data_wait_fraction": round(wait / (real_s * args.steps), 4),
+        "probe_s": None if probe_s is None else round(probe_s, 3),
+        "probe_share": None if probe_share is None else round(probe_share, 4),
         "tflops_per_step": round(flops / 1e12, 3), "real_tflops_per_s": round(achieved, 1),
     }))
 

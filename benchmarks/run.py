@@ -131,9 +131,12 @@ def _pretrain_args(arch: str) -> Callable[[str, Path], list[str]]:
 
 
 def _pretrain_headline(result: dict[str, Any]) -> tuple[float, float, str]:
+    probe = result.get("probe_share")
     return (result["real_views_per_s"], result["plain_views_per_s"],
             f"data wait {100 * result['data_wait_fraction']:.1f}% (target < 5%), loader / "
-            f"step consumption {result['loader_over_consumption']:.2f}")
+            f"step consumption {result['loader_over_consumption']:.2f}"
+            + ("" if probe is None else f", segmentation probe {100 * probe:.1f}% of wall "
+               "time at one per epoch (target < 5%)"))
 
 
 def _finetune_args(profile: str, work: Path) -> list[str]:

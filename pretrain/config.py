@@ -162,6 +162,36 @@ class RunConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The live segmentation probe (pretrain/probe.py)."""
+
+    every_epochs: int = 0  # probe after every K epochs (and before training); 0 = off
+    every_steps: int = 0  # or after every K optimizer steps
+    budget: int = 64  # labeled training slices the head trains on (the same each time)
+    val_volumes: int = 8  # whole validation volumes it is scored on
+    steps: int = 150  # head training steps per probe
+    batch_size: int = 16
+    lr: float = 3e-3
+    encoder: Literal["online", "target"] = "online"  # target: BYOL's EMA encoder
+    decoder: bool = False  # a small 3x3 decoder after the summed levels
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_epochs > 0 or self.every_steps > 0
+
+    def __post_init__(self) -> None:
+        for key in ("every_epochs", "every_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"probe.{key} must be >= 0, got {getattr(self, key)}")
+        if self.every_epochs and self.every_steps:
+            raise ValueError("probe.every_epochs and probe.every_steps exclude each other")
+        for key in ("budget", "val_volumes", "steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"probe.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,3 +199,4 @@ class PretrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -35,6 +35,14 @@ from pretrain.export import EXPORT_DIR, export_backbone
 from pretrain.methods import SSLMethod
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer
+from pretrain.probe import (
+    PROBE_FILE,
+    ProbeLog,
+    SegmentationProbe,
+    check_probe_data,
+    probe_summary,
+    read_probe_log,
+)
 from pretrain.schedules import ema_momentum, warmup_cosine
 from pretrain.step import check_finite
 from pretrain.sync_batchnorm import convert_sync_batchnorm
@@ -58,6 +66,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     if manifest.channels != config.model.in_chans:
         raise ValueError(f"model.in_chans is {config.model.in_chans} but {config.data.path} "
                          f"holds {manifest.channels}-channel images")
+    check_probe_data(config, manifest)
     dist_info = init_distributed(prefer_cuda=config.run.device == "auto",
                                  timeout_s=config.run.dist_timeout_s)
     try:
@@ -104,6 +113,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                   f"{min(start_epoch + 1, config.optim.epochs)} of {config.optim.epochs}, "
                   f"step {step} of {total_steps}", flush=True)
     method = backend.method
+    probe = _LiveProbe(config, dist, run_dir, spe, method) if config.probe.enabled else None
 
     writer = None
     if dist.is_main:
@@ -120,6 +130,16 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     launch_step = step
 
     reading: EpochReading | None = None
+
+    def probe_at(at_step: int, epoch_end: bool) -> None:
+        """The probe, where one is due and not yet logged; its time is kept out of the
+        throughput figures."""
+        nonlocal last_log
+        if probe is not None:
+            last_log += probe.maybe_run(at_step, epoch_end, writer)
+
+    # before training: the random (or loaded) initialisation, or a probe a restart missed
+    probe_at(step, first_step == 0)
 
     def checkpoint_now(epoch_done: int, steps_done: int) -> None:
         """Save the full state; never one whose last loss was not finite."""
@@ -194,11 +214,14 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             every = config.run.checkpoint_every
             if every and step % every == 0 and index + 1 < spe:
                 checkpoint_now(epoch, index + 1)
+            if index + 1 < spe:
+                probe_at(step, epoch_end=False)
         del views
         reading = None
         if pending is not None:
             loss_value = check_finite(*pending, dist.rank)
         checkpoint_now(epoch + 1, 0)
+        probe_at(step, epoch_end=True)
         if dist.is_main and not config.run.progress:  # without bars, one line per epoch
             seconds = time.perf_counter() - epoch_started
             trained = spe - (first_step if epoch == start_epoch else 0)
@@ -210,11 +233,56 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     if dist.is_main:
         # a finished run resumed with a smaller optim.epochs trains no further
         export_backbone(method.online_encoder, export_dir, config,
-                        epochs=max(start_epoch, config.optim.epochs), steps=step)
+                        epochs=max(start_epoch, config.optim.epochs), steps=step,
+                        probe=probe_summary(read_probe_log(run_dir / PROBE_FILE)))
         if writer is not None:
             writer.close()
     barrier(dist)
     return PretrainResult(run_dir, export_dir, step, loss_value)
+
+
+class _LiveProbe:
+    """When the segmentation probe is due, and running it on rank 0 (the others wait)."""
+
+    def __init__(self, config: PretrainConfig, dist: DistInfo, run_dir: Path,
+                 steps_per_epoch: int, method: SSLMethod) -> None:
+        self.config, self.dist, self.steps_per_epoch = config.probe, dist, steps_per_epoch
+        name = "online_encoder" if config.probe.encoder == "online" else "target_encoder"
+        if not hasattr(method, name):
+            raise ValueError(f"probe.encoder=target: method {config.method.name} has no "
+                             "target encoder (only BYOL does)")
+        self.encoder: torch.nn.Module = getattr(method, name)
+        self.probe = self.log = None
+        if dist.is_main:
+            self.probe = SegmentationProbe(config.probe, config.data.path,
+                                           config.data.crop_size, dist.device)
+            self.log = ProbeLog(run_dir, self.probe.class_names)
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        if step == 0:
+            return True  # the initialisation: the curve starts from it
+        if self.config.every_steps:
+            return step % self.config.every_steps == 0
+        return epoch_end and (step // self.steps_per_epoch) % self.config.every_epochs == 0
+
+    def maybe_run(self, step: int, epoch_end: bool, writer: SummaryWriter | None) -> float:
+        """Probe at ``step`` if due and not logged yet; the seconds it took."""
+        if not self.due(step, epoch_end):
+            return 0.0
+        seconds = 0.0
+        if self.probe is not None and self.log is not None and not self.log.has(step):
+            result = self.probe.run(self.encoder)
+            row = self.log.add(step / self.steps_per_epoch, step, result)
+            seconds = result["seconds"]
+            if writer is not None:
+                writer.add_scalar("probe/dice", row["dice"], step)
+                for name, value in result["per_class"].items():
+                    if value is not None:
+                        writer.add_scalar(f"probe/dice_{name}", value, step)
+                writer.add_scalar("probe/seconds", seconds, step)
+                writer.flush()
+        barrier(self.dist)
+        return seconds
 
 
 class _ViewSource:

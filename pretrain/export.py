@@ -34,8 +34,10 @@ EXPORT_DIR = "export"
 
 
 def export_backbone(encoder: nn.Module, folder: Path, config: PretrainConfig, *,
-                    epochs: int, steps: int, checkpoint: Path | None = None) -> Path:
-    """Write ``encoder``'s weights and their description into ``folder``."""
+                    epochs: int, steps: int, checkpoint: Path | None = None,
+                    probe: dict[str, Any] | None = None) -> Path:
+    """Write ``encoder``'s weights and their description into ``folder`` (with the live
+    segmentation probe's summary and curve, when the run probed)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     with atomic_path(folder / EXPORT_WEIGHTS) as tmp:
@@ -43,6 +45,8 @@ def export_backbone(encoder: nn.Module, folder: Path, config: PretrainConfig, *,
     meta = backbone_meta(config, encoder, epochs=epochs, steps=steps)
     if checkpoint is not None:
         meta["checkpoint"] = str(checkpoint.resolve())
+    if probe is not None:
+        meta["probe"] = probe
     atomic_write_json(folder / EXPORT_META, {"weights": EXPORT_WEIGHTS, **meta})
     return folder / EXPORT_WEIGHTS
 
@@ -105,8 +109,13 @@ def export_checkpoint(run_dir: Path, checkpoint: str = LATEST,
     if out is None:
         out = run_dir / (EXPORT_DIR if path.name == LATEST else f"{EXPORT_DIR}-{path.stem}")
     # Finished epochs; a checkpoint taken mid-epoch (run.checkpoint_every) says so in steps.
+    # The probe curve up to the checkpoint's step goes with it (pretrain/probe.py).
+    from pretrain.probe import PROBE_FILE, probe_summary, read_probe_log
+
+    rows = [r for r in read_probe_log(run_dir / PROBE_FILE) if r["step"] <= int(blob["step"])]
     return export_backbone(encoder, out, config, epochs=int(blob["epoch"]),
-                           steps=int(blob["step"]), checkpoint=path).parent
+                           steps=int(blob["step"]), checkpoint=path,
+                           probe=probe_summary(rows)).parent
 
 
 def find_checkpoint(run_dir: Path, checkpoint: str = LATEST) -> Path:

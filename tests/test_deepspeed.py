@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, SHARDS_KEY, shard_name
+from pretrain.probe import PROBE_FILE, read_probe_log
 from tests.launching import free_port, torchrun, worker_env
 
 STEPS = 4  # 2 epochs of 2 optimizer steps, each of 2 micro batches per rank
@@ -48,14 +49,18 @@ def _backbone(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "backbone.safetensors"))
 
 
+PROBE = ("probe.every_epochs=1", "probe.steps=5", "probe.budget=8", "probe.val_volumes=2")
+
+
 @pytest.mark.slow
 def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path: Path) -> None:
     ddp, zero = tmp_path / "ddp", tmp_path / "zero2"
-    _run(prepared, ddp)
+    _run(prepared, ddp, *PROBE)  # the live probe on rank 0 of two DDP ranks
     _run(prepared, zero, "run.backend=deepspeed", "run.zero_stage=2")
+    assert [r["step"] for r in read_probe_log(ddp / PROBE_FILE)] == [0, 2, 4]
 
     # Same batches, same augmentations, same AdamW: DeepSpeed's gradient averaging and
-    # accumulation compute what DDP's do.
+    # accumulation compute what DDP's do (and the probe in the DDP run changed nothing).
     reference, losses = _losses(ddp), _losses(zero)
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in losses:
@@ -83,9 +88,11 @@ def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path:
     (resumed / CHECKPOINT_DIR).mkdir(parents=True)
     shutil.copy(folder / "epoch0001.pt", resumed / CHECKPOINT_DIR / LATEST)
     shutil.copytree(folder / "epoch0001-zero", resumed / CHECKPOINT_DIR / "epoch0001-zero")
-    _run(prepared, resumed, "run.backend=deepspeed", "run.zero_stage=2")
+    _run(prepared, resumed, "run.backend=deepspeed", "run.zero_stage=2", *PROBE)
+    # the restart probes its checkpoint's encoder, then the end of epoch 2
+    assert [r["step"] for r in read_probe_log(resumed / PROBE_FILE)] == [2, 4]
     after = _losses(resumed)
-    assert sorted(after) == [3, 4]  # epoch 1's steps were not run again
+    assert sorted(after) == [3, 4]  # epoch 1's steps were not run again (probe or not)
     for step in after:
         assert after[step] == pytest.approx(losses[step], rel=1e-5), step
     for key, value in _backbone(zero).items():

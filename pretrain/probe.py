@@ -1,0 +1,224 @@
+"""A live segmentation probe: how useful the encoder is for segmentation while it trains.
+
+Every ``probe.every_epochs`` epochs (or ``probe.every_steps`` steps), and once before
+training starts, rank 0 copies the current encoder (frozen, in eval mode), computes its
+multi-scale features once for a fixed labeled subset of the training split, trains a
+light head on them (a 1x1 convolution per level, upsampled and summed; optionally a
+small decoder) for a fixed number of steps, and scores the head with the project's
+volume Dice on fixed whole validation volumes. The subset, the volumes, the head's
+initialisation and its batches are the same at every probe, so the curve moves only
+with the encoder.
+
+The probe never touches the training state: it works on a deep copy, draws its random
+numbers from its own generators (the global RNG is forked around the head's
+initialisation), and reads the prepared dataset's zarr store, not the shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+
+from cluster.atomic import atomic_write_text
+from data_prep.manifest import Manifest
+from finetune.budgets import budget_subset
+from finetune.data import SliceSet, load_slices, open_split, slice_patients
+from finetune.metrics import SegmentationMetrics
+from pretrain.config import PretrainConfig, ProbeConfig
+
+PROBE_FILE = "probe.csv"
+FRACTION_OF_BEST = 0.95
+
+
+class ProbeHead(nn.Module):
+    """Per-level 1x1 convolutions, upsampled to the input size and summed."""
+
+    def __init__(self, channels: list[int], classes: int, decoder: bool, hidden: int = 32):
+        super().__init__()
+        width = hidden if decoder else classes
+        self.levels = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.decoder = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, classes, 1)) if decoder else nn.Identity()
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        total = sum(F.interpolate(level(f.float()), size=size, mode="bilinear",
+                                  align_corners=False)
+                    for level, f in zip(self.levels, features))
+        return self.decoder(total)
+
+
+def fit_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop or zero-pad the last two axes to ``size`` (the pretraining crop)."""
+    height, width = images.shape[-2:]
+    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+    images = images[..., top:top + size, left:left + size]
+    pad_h, pad_w = size - images.shape[-2], size - images.shape[-1]
+    if pad_h or pad_w:
+        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return images
+
+
+def check_probe_data(config: PretrainConfig, manifest: Manifest) -> None:
+    """Refuse a probe on a dataset without labeled train and val slices, before training."""
+    if not config.probe.enabled:
+        return
+    slices = manifest.labeled_store.get("slices", {})
+    missing = [split for split in ("train", "val") if not slices.get(split)]
+    if missing:
+        raise ValueError(f"probe.every_epochs/every_steps: {config.data.path} has no labeled "
+                         f"slices in split(s) {', '.join(missing)}; the segmentation probe "
+                         "needs labeled train and val slices (set probe.every_epochs=0 to "
+                         "pretrain without it)")
+
+
+def probe_slices(data_path: str, config: ProbeConfig) -> tuple[SliceSet, SliceSet]:
+    """The fixed labeled training subset and the fixed whole validation volumes."""
+    problems = []
+    for split in ("train", "val"):
+        if len(open_split(data_path, split)) == 0:
+            problems.append(split)
+    if problems:
+        raise ValueError(f"probe: {data_path} has no labeled slices in split(s) "
+                         f"{', '.join(problems)}; the segmentation probe needs labeled train "
+                         "and val slices (set probe.every_epochs=0 to pretrain without it)")
+    patients = slice_patients(data_path, "train")
+    subset = budget_subset(patients, min(config.budget, len(patients)), "slices", config.seed)
+    train = load_slices(data_path, "train", subset)
+    store = open_split(data_path, "val")
+    volume_of = store.volume_index
+    chosen_volumes = sorted(set(volume_of.tolist()))[:config.val_volumes]
+    val = load_slices(data_path, "val", np.flatnonzero(np.isin(volume_of, chosen_volumes)))
+    return train, val
+
+
+class SegmentationProbe:
+    """Trains and scores the probe head on a frozen copy of an encoder (rank 0 only)."""
+
+    def __init__(self, config: ProbeConfig, data_path: str, crop: int, device: torch.device):
+        self.config, self.crop, self.device = config, crop, device
+        self.class_names = Manifest.read(data_path).class_names
+        train, val = probe_slices(data_path, config)
+        self.train_images = fit_to(train.images, crop)
+        self.train_masks = fit_to(train.masks, crop)
+        self.val = val
+        self.val_images, self.val_masks = fit_to(val.images, crop), fit_to(val.masks, crop)
+
+    @torch.no_grad()
+    def _features(self, encoder: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        levels: list[list[torch.Tensor]] = []
+        keep = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        for start in range(0, len(images), 32):
+            batch = images[start:start + 32].to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):
+                out = encoder.forward_intermediates(batch, intermediates_only=True)
+            levels.append([f.to(keep) for f in out])
+        return [torch.cat(parts) for parts in zip(*levels)]
+
+    def run(self, encoder: nn.Module) -> dict[str, Any]:
+        """Probe ``encoder`` (left untouched): mean and per-class volume Dice, seconds."""
+        start = time.perf_counter()
+        frozen = copy.deepcopy(encoder).eval().requires_grad_(False)
+        train_features = self._features(frozen, self.train_images)
+        val_features = self._features(frozen, self.val_images)
+        del frozen
+        with torch.random.fork_rng(devices=[]):  # the training run's RNG stays as it was
+            torch.manual_seed(self.config.seed)
+            head = ProbeHead([f.shape[1] for f in train_features], len(self.class_names),
+                             self.config.decoder).to(self.device)
+        self._train_head(head, train_features)
+        dice = self._score(head, val_features)
+        return {**dice, "seconds": time.perf_counter() - start}
+
+    def _train_head(self, head: ProbeHead, features: list[torch.Tensor]) -> None:
+        optimizer = torch.optim.Adam(head.parameters(), lr=self.config.lr)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        masks = self.train_masks.to(self.device)
+        draws = torch.Generator().manual_seed(self.config.seed)
+        size = (self.crop, self.crop)
+        head.train()
+        for _ in range(self.config.steps):
+            index = torch.randint(0, len(masks), (self.config.batch_size,), generator=draws)
+            index = index.to(self.device)
+            logits = head([f.index_select(0, index) for f in features], size)
+            loss = loss_fn(logits, masks.index_select(0, index)[:, None])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def _score(self, head: ProbeHead, features: list[torch.Tensor]) -> dict[str, Any]:
+        head.eval()
+        size = (self.crop, self.crop)
+        predictions = [head([f[start:start + 32] for f in features], size).argmax(dim=1).cpu()
+                       for start in range(0, len(self.val_masks), 32)]
+        metrics = SegmentationMetrics(len(self.class_names), self.class_names)
+        metrics.update(torch.cat(predictions).numpy(), self.val_masks.numpy(),
+                       self.val.volumes, self.val.positions, self.val.spacing)
+        summary = metrics.summary(hd95=False)["volume_dice"]
+        return {"dice": summary["mean"] or 0.0, "per_class": summary["per_class"]}
+
+
+# -- the probe log ---------------------------------------------------------------------------
+class ProbeLog:
+    """``probe.csv`` in the run folder: one row per probe, rewritten atomically."""
+
+    def __init__(self, run_dir: Path, class_names: list[str]):
+        self.path = Path(run_dir) / PROBE_FILE
+        self.classes = [name for name in class_names[1:]]  # foreground classes
+        self.rows = read_probe_log(self.path)
+
+    def has(self, step: int) -> bool:
+        return any(int(row["step"]) == step for row in self.rows)
+
+    def add(self, epoch: float, step: int, result: dict[str, Any]) -> dict[str, Any]:
+        row = {"epoch": round(epoch, 4), "step": step, "dice": result["dice"],
+               **{f"dice_{name}": result["per_class"].get(name) for name in self.classes},
+               "seconds": round(result["seconds"], 3)}
+        self.rows = [r for r in self.rows if int(r["step"]) != step] + [row]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(sorted(self.rows, key=lambda r: int(r["step"])))
+        atomic_write_text(self.path, out.getvalue())
+        return row
+
+
+def read_probe_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``probe.csv`` (numbers as numbers); [] when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for raw in csv.DictReader(path.read_text().splitlines()):
+        row: dict[str, Any] = {}
+        for key, value in raw.items():
+            row[key] = None if value in ("", None) else (
+                int(value) if key == "step" else float(value))
+        rows.append(row)
+    return rows
+
+
+def probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best probe epoch and the first epoch reaching 95% of the best probe Dice."""
+    if not rows:
+        return None
+    ordered = sorted(rows, key=lambda r: r["step"])
+    best = max(ordered, key=lambda r: r["dice"])
+    first = next(r for r in ordered if r["dice"] >= FRACTION_OF_BEST * best["dice"])
+    return {"best_dice": best["dice"], "best_epoch": best["epoch"],
+            "epoch_to_95pct": first["epoch"], "probes": len(ordered),
+            "seconds": sum(r["seconds"] for r in ordered),
+            "curve": [{"epoch": r["epoch"], "step": r["step"], "dice": r["dice"]}
+                      for r in ordered]}
