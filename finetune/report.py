@@ -22,7 +22,7 @@ from data_prep.manifest import Manifest
 from finetune import report_figures as figures
 from finetune import report_findings as findings
 from finetune import report_stats as stats
-from finetune.report_data import StudyRuns, load_study
+from finetune.report_data import StudyRuns, load_study, probe_curves
 from finetune.report_page import Block, Bullets, Figure, Heading, Paragraph, Table, write_pages
 
 DEFAULT_TARGETS = (0.5, 0.7, 0.8)
@@ -101,6 +101,10 @@ def _tables(study: StudyRuns, baseline: str, targets: list[float],
         length = stats.pretraining_length_table(runs, resamples=resamples)
         if not length.empty:
             tables["pretraining_length"] = length
+            curves = probe_curves(study.metrics)
+            if not curves.empty:  # the series' pretraining run had the live probe on
+                tables["probe_curve"] = curves
+                tables["probe_agreement"] = stats.probe_agreement(length, curves)
     return tables
 
 
@@ -167,6 +171,17 @@ def _page(study: StudyRuns, tables: dict[str, pd.DataFrame], baseline: str,
                           "pretraining epochs."),
                    Table(_length_view(tables["pretraining_length"]),
                          "Mean over seeds [95% bootstrap interval] (n); no trend test.")]
+    if "probe_curve" in tables:
+        blocks += [Figure(figures.probe_curve(tables["probe_curve"],
+                                              tables["pretraining_length"],
+                                              out / "probe_curve.png", unit),
+                          "The pretraining run's live segmentation probe (a light head on "
+                          "the frozen encoder, validation volume Dice), and against the "
+                          "downstream test Dice after each kept epoch."),
+                   Table(_agreement_view(tables["probe_agreement"], unit),
+                         "Spearman's rank correlation between the probe Dice at each kept "
+                         "pretraining epoch and the mean downstream test Dice after it (n "
+                         "epochs); blank where fewer than 3 epochs pair up.")]
     if settings.overlays:
         from finetune.report_overlays import overlay_grid  # torch and the U-Net: only here
 
@@ -230,6 +245,8 @@ def _findings(tables: dict[str, pd.DataFrame], baseline: str, unit: str) -> list
         sentences += findings.label_findings(tables["label_efficiency"], baseline, unit)
     if "pretraining_length" in tables:
         sentences += findings.pretraining_findings(tables["pretraining_length"], unit)
+    if "probe_agreement" in tables:
+        sentences += findings.probe_findings(tables["probe_agreement"], unit)
     if not sentences:
         sentences = ["One initialisation only: no comparison to make."]
     return [Heading("Findings"), Bullets(sentences)]
@@ -365,4 +382,12 @@ def _length_view(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"series": row.series, "budget": str(row.budget),
                      "pretraining epochs": str(int(row.pretrain_epochs)),
                      "test Dice": dice, "epochs to 95%": epochs})
+    return pd.DataFrame(rows)
+
+
+def _agreement_view(table: pd.DataFrame, unit: str) -> pd.DataFrame:
+    rows = [{"series": row.series, "budget": figures.amount(row.budget, unit), "n": str(row.n),
+             "Spearman ρ": "" if math.isnan(row.spearman) else f"{row.spearman:.2f}",
+             "p": "" if math.isnan(row.p_value) else f"{row.p_value:.3g}"}
+            for row in table.itertuples()]
     return pd.DataFrame(rows)

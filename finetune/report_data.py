@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from finetune.outputs import METRICS_FILE, result_row
-from finetune.report_stats import pretraining_epochs
+from finetune.report_stats import pretraining_epochs, pretraining_series
 
 SWEEP_CONFIG = "sweep.yaml"  # finetune.sweep writes the resolved config under this name
 
@@ -117,3 +117,26 @@ def _missing_trials(sweep: dict[str, Any], seen: set[str]) -> list[Unfinished]:
         return []
     return [Unfinished(t.run_dir, "never started (no metrics.json)") for t in trials
             if t.run_dir not in seen]
+
+
+def probe_curves(metrics: list[dict[str, Any]]) -> pd.DataFrame:
+    """The live segmentation probe's curve of each pretraining series' run: ``series,
+    epoch, step, dice`` (empty when no series' run probed). A series member's init is a
+    kept checkpoint ``RUN/checkpoints/epochNNNN.pt``; its run's ``probe.csv`` sits in RUN.
+    """
+    from pretrain.probe_log import PROBE_FILE, read_probe_log
+
+    rows, seen = [], set()
+    for run in metrics:
+        epochs = pretraining_epochs(str(run["init"]))
+        chain = run.get("init_chain") or []
+        if epochs != epochs or not chain or chain[0].get("kind") != "checkpoint":
+            continue  # NaN: not a series member
+        series = pretraining_series(str(run["init"]))
+        pretrain_run = Path(chain[0]["init"]).parent.parent
+        if (series, pretrain_run) in seen:
+            continue
+        seen.add((series, pretrain_run))
+        rows += [{"series": series, "epoch": r["epoch"], "step": r["step"], "dice": r["dice"]}
+                 for r in read_probe_log(pretrain_run / PROBE_FILE)]
+    return pd.DataFrame(rows, columns=["series", "epoch", "step", "dice"])

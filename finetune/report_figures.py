@@ -227,3 +227,33 @@ def pretraining_length(table: pd.DataFrame, path: Path, unit: str) -> Path:
     axes[0].legend(fontsize=7)
     figure.suptitle("How much pretraining is enough")
     return save(figure, path)
+
+
+def probe_curve(curves: pd.DataFrame, length: pd.DataFrame, path: Path, unit: str) -> Path:
+    """The live probe's Dice over pretraining (left) and against the downstream test Dice
+    at each kept epoch, a colour per budget (right). ``curves``: series, epoch, dice;
+    ``length``: series, pretrain_epochs, budget, test_dice_mean."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for series, own in curves.groupby("series"):
+        own = own.sort_values("epoch")
+        axes[0].plot(own["epoch"], own["dice"], marker=".", label=series)
+    axes[0].set_xlabel("pretraining epoch")
+    axes[0].set_ylabel("probe volume Dice (validation)")
+    axes[0].legend(fontsize=7)
+    budgets = sorted(length["budget"].unique())
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(budgets), 1)))
+    for colour, budget in zip(colours, budgets):
+        for series, own in length[length["budget"] == budget].groupby("series"):
+            probe = curves[curves["series"] == series].set_index("epoch")["dice"]
+            own = own[own["pretrain_epochs"].isin(probe.index)]
+            axes[1].scatter(probe.loc[own["pretrain_epochs"]], own["test_dice_mean"],
+                            color=colour, label=amount(budget, unit))
+    axes[1].set_xlabel("probe Dice at the kept epoch")
+    axes[1].set_ylabel("downstream test Dice (mean over seeds)")
+    handles, labels = axes[1].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[1].legend(unique.values(), unique.keys(), fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    figure.suptitle("Live segmentation probe during pretraining")
+    return save(figure, path)

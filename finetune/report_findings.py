@@ -162,3 +162,17 @@ def pretraining_findings(table: pd.DataFrame, unit: str) -> list[str]:
             f"({int(rows['pretrain_epochs'].min())}–{int(rows['pretrain_epochs'].max())} "
             f"epochs), highest after {int(best['pretrain_epochs'])} (no trend test).")
     return sentences
+
+
+def probe_findings(table: pd.DataFrame, unit: str) -> list[str]:
+    """Whether the live probe ranks the kept checkpoints as fine-tuning does."""
+    sentences = []
+    for row in table.itertuples():
+        if math.isnan(row.spearman):
+            continue
+        sentences.append(
+            f"The live probe of **{row.series}** ranks its {row.n} kept checkpoints "
+            f"{'as' if row.spearman > 0 else 'against how'} fine-tuning at "
+            f"{amount(row.budget, unit)} does: Spearman ρ = {row.spearman:.2f} "
+            f"(p = {row.p_value:.2g}).")
+    return sentences

@@ -677,3 +677,27 @@ def _pair(paired: pd.DataFrame, baseline: str, init: str,
     base, other = rows[baseline].to_numpy(), rows[init].to_numpy()
     both = np.isfinite(base) & np.isfinite(other)
     return base[both], other[both]
+
+
+def probe_agreement(length: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """How well the pretraining run's live probe ranks its kept checkpoints as fine-tuning
+    does: per series and budget, Spearman's rank correlation between the probe Dice at
+    each kept epoch and the mean downstream test Dice after it. ``length``:
+    ``pretraining_length_table``; ``curves``: ``report_data.probe_curves``. Columns
+    ``series, budget, n, spearman, p_value``; NaN where fewer than 3 epochs pair up or
+    either side is constant."""
+    rows = []
+    for (series, budget), own in length.groupby(["series", "budget"], sort=True):
+        probe = curves[curves["series"] == series].set_index("epoch")["dice"]
+        paired = own[own["pretrain_epochs"].isin(probe.index)]
+        n = len(paired)
+        rho = p_value = float("nan")
+        if n >= 3:
+            x = probe.loc[paired["pretrain_epochs"]].to_numpy(dtype=float)
+            y = paired["test_dice_mean"].to_numpy(dtype=float)
+            if np.ptp(x) > 0 and np.ptp(y) > 0:
+                result = stats.spearmanr(x, y)
+                rho, p_value = float(result.statistic), float(result.pvalue)
+        rows.append({"series": series, "budget": budget, "n": n, "spearman": rho,
+                     "p_value": p_value})
+    return pd.DataFrame(rows, columns=["series", "budget", "n", "spearman", "p_value"])

@@ -35,14 +35,8 @@ from pretrain.export import EXPORT_DIR, export_backbone
 from pretrain.methods import SSLMethod
 from pretrain.model import build_model
 from pretrain.optim import build_optimizer
-from pretrain.probe import (
-    PROBE_FILE,
-    ProbeLog,
-    SegmentationProbe,
-    check_probe_data,
-    probe_summary,
-    read_probe_log,
-)
+from pretrain.probe import SegmentationProbe, check_probe_data
+from pretrain.probe_log import PROBE_FILE, ProbeLog, probe_summary, read_probe_log
 from pretrain.schedules import ema_momentum, warmup_cosine
 from pretrain.step import check_finite
 from pretrain.sync_batchnorm import convert_sync_batchnorm

@@ -21,6 +21,7 @@ from cluster.config import ConfigError, from_dict
 from data_prep.manifest import Manifest
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST
 from pretrain.config import PretrainConfig
+from pretrain.probe_log import PROBE_FILE, probe_summary, read_probe_log
 from pretrain.weights import (
     EXPORT_META,
     EXPORT_WEIGHTS,
@@ -110,8 +111,6 @@ def export_checkpoint(run_dir: Path, checkpoint: str = LATEST,
         out = run_dir / (EXPORT_DIR if path.name == LATEST else f"{EXPORT_DIR}-{path.stem}")
     # Finished epochs; a checkpoint taken mid-epoch (run.checkpoint_every) says so in steps.
     # The probe curve up to the checkpoint's step goes with it (pretrain/probe.py).
-    from pretrain.probe import PROBE_FILE, probe_summary, read_probe_log
-
     rows = [r for r in read_probe_log(run_dir / PROBE_FILE) if r["step"] <= int(blob["step"])]
     return export_backbone(encoder, out, config, epochs=int(blob["epoch"]),
                            steps=int(blob["step"]), checkpoint=path,

@@ -17,10 +17,7 @@ initialisation), and reads the prepared dataset's zarr store, not the shards.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,15 +26,11 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from cluster.atomic import atomic_write_text
 from data_prep.manifest import Manifest
 from finetune.budgets import budget_subset
 from finetune.data import SliceSet, load_slices, open_split, slice_patients
 from finetune.metrics import SegmentationMetrics
 from pretrain.config import PretrainConfig, ProbeConfig
-
-PROBE_FILE = "probe.csv"
-FRACTION_OF_BEST = 0.95
 
 
 class ProbeHead(nn.Module):
@@ -168,57 +161,3 @@ class SegmentationProbe:
                        self.val.volumes, self.val.positions, self.val.spacing)
         summary = metrics.summary(hd95=False)["volume_dice"]
         return {"dice": summary["mean"] or 0.0, "per_class": summary["per_class"]}
-
-
-# -- the probe log ---------------------------------------------------------------------------
-class ProbeLog:
-    """``probe.csv`` in the run folder: one row per probe, rewritten atomically."""
-
-    def __init__(self, run_dir: Path, class_names: list[str]):
-        self.path = Path(run_dir) / PROBE_FILE
-        self.classes = [name for name in class_names[1:]]  # foreground classes
-        self.rows = read_probe_log(self.path)
-
-    def has(self, step: int) -> bool:
-        return any(int(row["step"]) == step for row in self.rows)
-
-    def add(self, epoch: float, step: int, result: dict[str, Any]) -> dict[str, Any]:
-        row = {"epoch": round(epoch, 4), "step": step, "dice": result["dice"],
-               **{f"dice_{name}": result["per_class"].get(name) for name in self.classes},
-               "seconds": round(result["seconds"], 3)}
-        self.rows = [r for r in self.rows if int(r["step"]) != step] + [row]
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(sorted(self.rows, key=lambda r: int(r["step"])))
-        atomic_write_text(self.path, out.getvalue())
-        return row
-
-
-def read_probe_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``probe.csv`` (numbers as numbers); [] when there is none."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for raw in csv.DictReader(path.read_text().splitlines()):
-        row: dict[str, Any] = {}
-        for key, value in raw.items():
-            row[key] = None if value in ("", None) else (
-                int(value) if key == "step" else float(value))
-        rows.append(row)
-    return rows
-
-
-def probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best probe epoch and the first epoch reaching 95% of the best probe Dice."""
-    if not rows:
-        return None
-    ordered = sorted(rows, key=lambda r: r["step"])
-    best = max(ordered, key=lambda r: r["dice"])
-    first = next(r for r in ordered if r["dice"] >= FRACTION_OF_BEST * best["dice"])
-    return {"best_dice": best["dice"], "best_epoch": best["epoch"],
-            "epoch_to_95pct": first["epoch"], "probes": len(ordered),
-            "seconds": sum(r["seconds"] for r in ordered),
-            "curve": [{"epoch": r["epoch"], "step": r["step"], "dice": r["dice"]}
-                      for r in ordered]}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, SHARDS_KEY, shard_name
-from pretrain.probe import PROBE_FILE, read_probe_log
+from pretrain.probe_log import PROBE_FILE, read_probe_log
 from tests.launching import free_port, torchrun, worker_env
 
 STEPS = 4  # 2 epochs of 2 optimizer steps, each of 2 micro batches per rank

@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_prep.manifest import Manifest
 from pretrain.config import PretrainConfig, ProbeConfig
 from pretrain.engine import pretrain
-from pretrain.probe import PROBE_FILE, check_probe_data, probe_summary, read_probe_log
+from pretrain.probe import check_probe_data
+from pretrain.probe_log import PROBE_FILE, probe_summary, read_probe_log
 from tests.conftest import small_pretrain_config
 
 PROBE = ProbeConfig(every_epochs=1, budget=12, val_volumes=3, steps=15, batch_size=8)

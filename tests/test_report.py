@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 from scipy import stats
 
 from cluster.config import to_dict
@@ -28,6 +29,8 @@ BASE_DICE = {10: 0.6, 100: 0.8}
 
 def _dice(init: str, budget: int, seed: int) -> float:
     value = BASE_DICE[budget] + 0.01 * seed / 10
+    if "-ep" in init:  # a pretraining series: longer pretraining, a little better
+        value += 0.01 * int(init.rsplit("-ep", 1)[1])
     return value + (0.05 + 0.002 * seed if init == "ssl" else 0.0)
 
 
@@ -37,7 +40,7 @@ def _epochs_to_best(init: str, seed: int) -> int:
 
 def _metrics(folder: Path, init: str, budget: int, seed: int, data: str = "/data/x",
              classes: tuple[str, ...] = CLASSES, unit: str = "slices",
-             complete: bool = True) -> None:
+             complete: bool = True, init_chain: list | None = None) -> None:
     best = _dice(init, budget, seed)
     rise = _epochs_to_best(init, seed)
     curve = [best * min(1.0, (e + 1) / rise) for e in range(12)]
@@ -54,7 +57,7 @@ def _metrics(folder: Path, init: str, budget: int, seed: int, data: str = "/data
     run_dir.mkdir(parents=True)
     metrics = {
         "init": init, "arch": "resnet18", "budget": budget, "budget_unit": unit,
-        "train_slices": budget, "init_chain": [], "seed": seed,
+        "train_slices": budget, "init_chain": init_chain or [], "seed": seed,
         "epochs": [{"epoch": e + 1, "step": steps[e], "seconds": seconds[e],
                     "val_dice": curve[e]} for e in range(12)],
         "convergence": convergence_metrics(curve, steps, seconds, [0.5, 0.7]),
@@ -194,3 +197,32 @@ def test_a_pretraining_series_gets_its_own_section(tmp_path: Path) -> None:
     assert sorted(length["pretrain_epochs"]) == [1, 5]
     assert math.isclose(length["test_dice_mean"].iloc[0],
                         np.mean([_dice("ssl-ep0001", 10, s) for s in range(2)]))
+
+
+def test_the_live_probe_curve_goes_beside_the_pretraining_series(tmp_path: Path) -> None:
+    """A series whose pretraining run probed: the probe's curve, and how well it ranks
+    the kept checkpoints as fine-tuning does (Spearman, checked against scipy here)."""
+    pretrain_run = tmp_path / "byol"
+    (pretrain_run / "checkpoints").mkdir(parents=True)
+    probe = {0: 0.2, 1: 0.35, 2: 0.5, 3: 0.45, 5: 0.6}  # pretraining epoch -> probe Dice
+    (pretrain_run / "probe.csv").write_text("epoch,step,dice,seconds\n" + "".join(
+        f"{e}.0,{10 * e},{d},0.5\n" for e, d in probe.items()))
+    folder = tmp_path / "runs"
+    for epoch in (1, 2, 3, 5):
+        checkpoint = pretrain_run / "checkpoints" / f"epoch{epoch:04d}.pt"
+        for seed in range(2):
+            _metrics(folder, f"ssl-ep{epoch:04d}", 10, seed, init_chain=[
+                {"init": str(checkpoint), "kind": "checkpoint"}])
+    page = build_report(folder, settings=ReportSettings(overlays=0))
+    text = page.with_name("report.md").read_text()
+    assert "](probe_curve.png)" in text
+    curve = _table(page.parent, "probe_curve")
+    assert curve["epoch"].tolist() == [0, 1, 2, 3, 5] and set(curve["series"]) == {"ssl"}
+    agreement = _table(page.parent, "probe_agreement")
+    downstream = [np.mean([_dice(f"ssl-ep{e:04d}", 10, s) for s in range(2)])
+                  for e in (1, 2, 3, 5)]
+    expected = scipy.stats.spearmanr([probe[e] for e in (1, 2, 3, 5)], downstream)
+    assert agreement["n"].tolist() == [4]
+    assert math.isclose(agreement["spearman"].iloc[0], expected.statistic)
+    assert math.isclose(expected.statistic, 0.8)  # one pair out of order
+    assert "The live probe of **ssl** ranks its 4 kept checkpoints" in text
