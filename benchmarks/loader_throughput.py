@@ -73,8 +73,9 @@ class Row:
 
     path: str
     workers: int
-    views_per_s: float | None
+    views_per_s: float | None  # median over the timed repeats
     note: str = ""
+    spread: tuple[float, float] | None = None  # slowest and fastest repeat
 
     @property
     def cores(self) -> int:
@@ -213,17 +214,22 @@ def dali_pairs(data: Path, augment: AugmentConfig, args: argparse.Namespace,
 # --- timing ------------------------------------------------------------------------------
 
 def views_per_second(pairs: Iterator[ViewPair], warmup: int, timed: int, batch: int,
-                     device: torch.device) -> float:
-    """Views/s over ``timed`` batches, after ``warmup`` untimed ones (worker start-up,
-    first reads, lazy CUDA init)."""
+                     device: torch.device, repeats: int = 3) -> tuple[float, float, float]:
+    """Views/s (median, slowest, fastest) over ``repeats`` runs that share ``timed``
+    batches, after ``warmup`` untimed ones (worker start-up, first reads, lazy CUDA
+    init)."""
     for _ in range(warmup):
         next(pairs)
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(timed):
-        next(pairs)
-    synchronize(device)  # GPU augmentation is asynchronous: count it to its end
-    return 2 * batch * timed / (time.perf_counter() - start)
+    chunk = max(1, timed // repeats)
+    rates = []
+    for _ in range(max(1, min(repeats, timed))):
+        start = time.perf_counter()
+        for _ in range(chunk):
+            next(pairs)
+        synchronize(device)  # GPU augmentation is asynchronous: count it to its end
+        rates.append(2 * batch * chunk / (time.perf_counter() - start))
+    return statistics.median(rates), min(rates), max(rates)
 
 
 def measure(path: str, workers: int, make_pairs: Callable[[], Iterator[ViewPair]],
@@ -234,12 +240,13 @@ def measure(path: str, workers: int, make_pairs: Callable[[], Iterator[ViewPair]
     except DaliNotInstalledError:
         return Row(path, workers, None, "not installed")
     try:
-        speed = views_per_second(pairs, args.warmup, args.timed, args.batch, device)
+        speed, slowest, fastest = views_per_second(pairs, args.warmup, args.timed,
+                                                   args.batch, device)
     finally:
         close = getattr(pairs, "close", None)  # generators: shut the DataLoader down now
         if close is not None:
             close()
-    return Row(path, workers, speed)
+    return Row(path, workers, speed, spread=(slowest, fastest))
 
 
 def consumption_views_per_s(arch: str, args: argparse.Namespace,
@@ -257,7 +264,8 @@ def consumption_views_per_s(arch: str, args: argparse.Namespace,
 
 def print_table(rows: list[Row], consumption: float | None) -> None:
     baseline = {r.workers: r.views_per_s for r in rows if r.path == "baseline"}
-    header = "| path | workers/threads | cores | views/s | views/s per core | vs baseline |"
+    header = ("| path | workers/threads | cores | views/s (median, slowest-fastest) | "
+              "views/s per core | vs baseline |")
     rule = "|---|---:|---:|---:|---:|---:|"
     if consumption is not None:
         header += " vs consumption |"
@@ -271,7 +279,8 @@ def print_table(rows: list[Row], consumption: float | None) -> None:
             continue
         reference = baseline.get(row.workers)
         ratio = f"{row.views_per_s / reference:.2f}" if reference else ""
-        cells = (f"| {row.path} | {row.workers} | {row.cores} | {row.views_per_s:.1f} | "
+        spread = f" ({row.spread[0]:.1f}-{row.spread[1]:.1f})" if row.spread else ""
+        cells = (f"| {row.path} | {row.workers} | {row.cores} | {row.views_per_s:.1f}{spread} | "
                  f"{row.views_per_s / row.cores:.1f} | {ratio} |")
         if consumption is not None:
             cells += f" {row.views_per_s / consumption:.2f} |"
@@ -367,6 +376,8 @@ def main() -> None:
         "device": name, "batch": args.batch, "crop": args.crop, "slices": len(files),
         "rows": [{"path": r.path, "workers": r.workers, "cores": r.cores,
                   "views_per_s": None if r.views_per_s is None else round(r.views_per_s, 1),
+                  "views_per_s_range": None if r.spread is None else
+                  [round(v, 1) for v in r.spread],
                   "note": r.note} for r in rows],
         "consumption_views_per_s": None if consumption is None else round(consumption, 1),
     }))

@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def main() -> None:
                         help="run a subset (the baseline always runs: it is the reference)")
     parser.add_argument("--keep", action="store_true", help="keep the converted outputs")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds of all measurements; each row reports its fastest")
+                        help="rounds of all measurements; median and range per row")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="medssl-prep-bench-"))
@@ -145,33 +146,37 @@ def main() -> None:
         runs[label] = lambda out: prepare_convert(
             root, out, args.image_size, args.workers)
     # Rounds alternate the measurements, so a slow spell of the machine hits them alike;
-    # each row reports its fastest round.
-    results: dict[str, tuple[float, int]] = {}
+    # each row reports the median round and the spread (fastest and slowest round).
+    rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, convert in runs.items():
-            seconds, slices = timed(convert, work, args.keep)
-            if name not in results or seconds < results[name][0]:
-                results[name] = (seconds, slices)
+            rounds[name].append(timed(convert, work, args.keep))
+    results = {name: (statistics.median(s for s, _ in taken), taken[0][1],
+                      min(s for s, _ in taken), max(s for s, _ in taken))
+               for name, taken in rounds.items()}
     report(results, source_bytes, args, len(files))
 
 
-def report(results: dict[str, tuple[float, int]], source_bytes: int,
+def report(results: dict[str, tuple[float, int, float, float]], source_bytes: int,
            args: argparse.Namespace, n_files: int) -> None:
-    base_seconds, base_slices = results["baseline"]
+    base_seconds, base_slices = results["baseline"][:2]
     megabytes = source_bytes / 1e6
     print(f"\nconversion throughput: {args.patients} phantom patients, {n_files} NIfTI files, "
           f"{megabytes:.1f} MB uncompressed source voxels, {base_slices} image slices, "
-          f"{args.image_size} px, {os.cpu_count()} CPU cores")
-    print(f"{'measurement':<14}{'seconds':>10}{'slices':>9}{'slices/s':>11}{'MB/s':>9}"
-          f"{'ratio':>8}")
+          f"{args.image_size} px, {os.cpu_count()} CPU cores, median of {args.repeats} "
+          "round(s)")
+    print(f"{'measurement':<14}{'seconds':>10}{'range':>14}{'slices':>9}{'slices/s':>11}"
+          f"{'MB/s':>9}{'ratio':>8}")
     rows = {}
-    for name, (seconds, slices) in results.items():
+    for name, (seconds, slices, fastest, slowest) in results.items():
         # The ratio compares MB/s: every row reads the same source bytes.
         ratio = base_seconds / seconds
-        rows[name] = {"seconds": round(seconds, 3), "slices": slices,
-                      "slices_per_s": round(slices / seconds, 1),
+        rows[name] = {"seconds": round(seconds, 3),
+                      "seconds_range": [round(fastest, 3), round(slowest, 3)],
+                      "slices": slices, "slices_per_s": round(slices / seconds, 1),
                       "mb_per_s": round(megabytes / seconds, 2), "vs_baseline": round(ratio, 3)}
-        print(f"{name:<14}{seconds:>10.2f}{slices:>9}{slices / seconds:>11.1f}"
+        spread = f"{fastest:.2f}-{slowest:.2f}"
+        print(f"{name:<14}{seconds:>10.2f}{spread:>14}{slices:>9}{slices / seconds:>11.1f}"
               f"{megabytes / seconds:>9.2f}{ratio:>8.2f}")
         if slices != base_slices:
             print(f"  note: {name} wrote {slices} slices, the baseline {base_slices}")
