@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=8, help="labeled slices per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--probe-steps", type=int, default=100)
+    parser.add_argument("--probe-budget", type=int, default=32)
+    parser.add_argument("--probe-decoder", action="store_true")
     parser.add_argument("--json", help="write the figures to this file")
     return parser.parse_args(argv)
 
@@ -65,7 +68,8 @@ def pretrain_with_probe(args: argparse.Namespace, data: Path, out: Path) -> Path
         optim=OptimConfig(lr=2e-3, epochs=args.pretrain_epochs, warmup_epochs=1),
         run=RunConfig(out=str(out), device="cpu", progress=False, log_every=8,
                       keep_epochs=list(args.kept)),
-        probe=ProbeConfig(every_epochs=1, budget=32, val_volumes=6, steps=100))
+        probe=ProbeConfig(every_epochs=1, budget=args.probe_budget, val_volumes=6,
+                          steps=args.probe_steps, decoder=args.probe_decoder))
     pretrain(config)
     return out
 
