@@ -97,5 +97,5 @@ def place_splits(train: SliceSet, val: SliceSet, device: torch.device, budget_gb
     budget = budget_gb * 2**30
     train_on = place(train, device, budget)
     left = budget - (train_on.images.nbytes + train_on.masks.nbytes if train_on.resident
-                     and device.type != "cpu" else 0)
+                     else 0)
     return train_on, place(val, device, left)

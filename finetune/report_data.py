@@ -9,6 +9,7 @@ refused with the runs that disagree named.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def probe_curves(metrics: list[dict[str, Any]]) -> pd.DataFrame:
     for run in metrics:
         epochs = pretraining_epochs(str(run["init"]))
         chain = run.get("init_chain") or []
-        if epochs != epochs or not chain or chain[0].get("kind") != "checkpoint":
+        if math.isnan(epochs) or not chain or chain[0].get("kind") != "checkpoint":
             continue  # NaN: not a series member
         series = pretraining_series(str(run["init"]))
         pretrain_run = Path(chain[0]["init"]).parent.parent

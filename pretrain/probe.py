@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
+from data_prep.geometry import center_pad_crop
 from data_prep.manifest import Manifest
 from finetune.budgets import budget_subset
 from finetune.data import SliceSet, load_slices, open_split, slice_patients
@@ -53,13 +54,9 @@ class ProbeHead(nn.Module):
 
 def fit_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Centre-crop or zero-pad the last two axes to ``size`` (the pretraining crop)."""
-    height, width = images.shape[-2:]
-    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
-    images = images[..., top:top + size, left:left + size]
-    pad_h, pad_w = size - images.shape[-2], size - images.shape[-1]
-    if pad_h or pad_w:
-        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return images
+    planes_first = np.moveaxis(images.numpy(), (-2, -1), (0, 1))
+    fitted = np.moveaxis(center_pad_crop(planes_first, size), (0, 1), (-2, -1))
+    return torch.from_numpy(np.ascontiguousarray(fitted))
 
 
 def check_probe_data(config: PretrainConfig, manifest: Manifest) -> None:
@@ -77,14 +74,6 @@ def check_probe_data(config: PretrainConfig, manifest: Manifest) -> None:
 
 def probe_slices(data_path: str, config: ProbeConfig) -> tuple[SliceSet, SliceSet]:
     """The fixed labeled training subset and the fixed whole validation volumes."""
-    problems = []
-    for split in ("train", "val"):
-        if len(open_split(data_path, split)) == 0:
-            problems.append(split)
-    if problems:
-        raise ValueError(f"probe: {data_path} has no labeled slices in split(s) "
-                         f"{', '.join(problems)}; the segmentation probe needs labeled train "
-                         "and val slices (set probe.every_epochs=0 to pretrain without it)")
     patients = slice_patients(data_path, "train")
     subset = budget_subset(patients, min(config.budget, len(patients)), "slices", config.seed)
     train = load_slices(data_path, "train", subset)

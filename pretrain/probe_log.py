@@ -19,7 +19,7 @@ class ProbeLog:
 
     def __init__(self, run_dir: Path, class_names: list[str]):
         self.path = Path(run_dir) / PROBE_FILE
-        self.classes = [name for name in class_names[1:]]  # foreground classes
+        self.classes = list(class_names[1:])  # foreground classes
         self.rows = read_probe_log(self.path)
 
     def has(self, step: int) -> bool:
