@@ -1,11 +1,15 @@
 """Pretraining throughput: the real data path against a plain step on random tensors.
 
-Three measurements in one process, same model, batch, precision and device:
+Measurements in one process, same model, batch, precision and device:
 
-1. plain   -- the BYOL step (timm encoder, heads, loss, AdamW, EMA) on random tensors
-              already on the device: what the model alone can consume;
-2. loader  -- the shard loader alone (read + decode in workers), images/s;
-3. real    -- shards -> loader -> batched augmentation of two views -> the same step.
+1. plain    -- the BYOL step (timm encoder, heads, loss, AdamW, EMA) on random tensors
+               already on the device: what the model alone can consume;
+2. medssl   -- the engine's step on the same tensors, both views in one pass as the
+               plain step does (``view_batchnorm=joint``), then one pass per view
+               (``separate``, the reference implementations' way and medssl's BYOL
+               default): what per-view BatchNorm statistics cost;
+3. loader   -- the shard loader alone (read + decode in workers), images/s;
+4. real     -- shards -> loader -> batched augmentation of two views -> the joint step.
 
 It prints views/s (one view = one augmented crop through the encoder), the fraction of
 step time spent waiting for data, and the ratios the design targets ask for
@@ -141,9 +145,15 @@ def main() -> None:
         ssl_step(trained, byol, optimizer, view1, view2, lr=1e-4, momentum=0.996,
                   precision=args.precision, channels_last=channels_last)
 
+    byol.view_batchnorm = "joint"  # like for like with the plain step
     ours_runs = time_steps(lambda: step(noise[0], noise[1]), args.warmup, args.steps,
                            args.repeats, device)
     ours_s = statistics.median(ours_runs)
+    byol.view_batchnorm = "separate"
+    separate_runs = time_steps(lambda: step(noise[0], noise[1]), args.warmup, args.steps,
+                               args.repeats, device)
+    separate_s = statistics.median(separate_runs)
+    byol.view_batchnorm = "joint"
     flops = step_flops(byol, noise, args.precision, channels_last)
 
     # 3. loader alone
@@ -181,6 +191,7 @@ def main() -> None:
 
     views = 2 * args.batch
     plain_views, ours_views, real_views = views / plain_s, views / ours_s, views / real_s
+    separate_views = views / separate_s
     probe_share = None
     if probe_s is not None:
         epoch_s = args.probe_epoch_images / (real_views / 2)
@@ -195,6 +206,7 @@ def main() -> None:
     for label, value, seconds in (
             ("plain timm+PyTorch step, random tensors", plain_views, plain_s),
             ("medssl step, random tensors", ours_views, ours_s),
+            ("medssl step, one pass per view", separate_views, separate_s),
             ("medssl real data path", real_views, real_s)):
         print(f"{label:<40}{value:>10.1f}{seconds * 1e3:>10.1f}{value / plain_views:>10.2f}")
     print(f"{'loader alone (images/s)':<40}{loader_images_per_s:>10.1f}{'':>10}"
@@ -214,6 +226,8 @@ def main() -> None:
                                     round(views / min(plain_runs), 1)],
         "ours_views_per_s_range": [round(views / max(ours_runs), 1),
                                    round(views / min(ours_runs), 1)],
+        "separate_views_per_s": round(separate_views, 1),
+        "separate_over_joint": round(separate_views / ours_views, 3),
         "real_views_per_s": round(real_views, 1),
         "real_over_plain": round(real_views / plain_views, 3),
         "loader_images_per_s": round(loader_images_per_s, 1),

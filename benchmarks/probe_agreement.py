@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=8, help="labeled slices per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--finetune-samples", type=int, default=32,
+                        help="training images per fine-tuning epoch (oversampled budget)")
+    parser.add_argument("--noise", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="phantom noise range (PhantomConfig.noise); harder when higher")
+    parser.add_argument("--contrast", type=float,
+                        help="phantom tissue contrast factor; harder below 1")
     parser.add_argument("--probe-steps", type=int, default=100)
     parser.add_argument("--probe-budget", type=int, default=32)
     parser.add_argument("--probe-decoder", action="store_true")
@@ -83,13 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = make_phantom(work, args.image_size, args.patients)
+    phantom = {key: value for key, value in (("noise", args.noise and tuple(args.noise)),
+                                               ("contrast", args.contrast)) if value}
+    data = make_phantom(work, args.image_size, args.patients, **phantom)
     run = pretrain_with_probe(args, data, work / "byol")
     config = load_sweep_config({
         "name": "probe-check", "storage": str(work / "storage"), "data": str(data),
         "base": {"arch": "resnet18", "epochs": args.finetune_epochs, "batch_size": 8,
-                 "epoch_samples": 32, "lr": 2e-3, "overlays": 0, "device": "cpu",
-                 "progress": False},
+                 "epoch_samples": args.finetune_samples, "lr": 2e-3, "overlays": 0,
+                 "device": "cpu", "progress": False},
         "inits": {"random": "random", "byol": {"run": str(run), "epochs": args.kept}},
         "budgets": [args.budget], "seeds": list(range(args.seeds)),
         "resources": {"cpu": 1}, "max_failures": 0, "table_every": 3600})
@@ -104,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     kept_only = stats.spearmanr([p for _, p, _ in pairs[1:]], [d for _, _, d in pairs[1:]])
     agreement = pd.read_csv(config.sweep_dir / "report" / "tables" / "probe_agreement.csv")
     print(f"\nprobe vs fine-tuning on the phantom ({args.patients} patients, "
-          f"{args.image_size} px): {args.seeds} seeds at {args.budget} slices, "
-          f"{time.perf_counter() - start:.0f} s in all\n")
+          f"{args.image_size} px, {phantom or 'default difficulty'}): {args.seeds} seeds at "
+          f"{args.budget} slices, {time.perf_counter() - start:.0f} s in all\n")
     print("| pretraining epoch | init | probe Dice | mean test Dice |")
     print("|---:|---|---:|---:|")
     for epoch, dice, test in pairs:

@@ -21,7 +21,8 @@ Stages:
   on a GPU also against what the compiled ResNet-50 step consumes (target >= 1.3x) and
   the data wait of the real path (target < 5%);
 - ``pretrain_resnet50``, ``pretrain_vit``: the real pretraining path (loader, augmentation,
-  medssl's BYOL step) vs a plain timm + PyTorch step on random tensors (views/s);
+  medssl's BYOL step, both views in one pass as the baseline) vs a plain timm + PyTorch
+  step on random tensors (views/s); the note gives the cost of one pass per view;
 - ``finetune``: medssl's fine-tuning step vs a plain smp U-Net loop (images/s), with a
   validation pass, a whole epoch and the reference grid's projected device-hours;
 - ``sweep``: trials through Ray Tune vs the same trials in a plain loop (trials/min);
@@ -134,7 +135,8 @@ def _pretrain_headline(result: dict[str, Any]) -> tuple[float, float, str]:
     probe = result.get("probe_share")
     return (result["real_views_per_s"], result["plain_views_per_s"],
             f"data wait {100 * result['data_wait_fraction']:.1f}% (target < 5%), loader / "
-            f"step consumption {result['loader_over_consumption']:.2f}"
+            f"step consumption {result['loader_over_consumption']:.2f}, one pass per view "
+            f"{result['separate_over_joint']:.2f}x joint"
             + ("" if probe is None else f", segmentation probe {100 * probe:.1f}% of wall "
                "time at one per epoch (target < 5%)"))
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,13 +99,17 @@ class Variant:
 
 # --- the dataset -------------------------------------------------------------------------
 
-def make_phantom(work: Path, image_size: int, patients: int) -> Path:
-    """A small prepared phantom (as the tests' fixture), made once and reused from ``work``."""
-    raw, prepared = work / "phantom_acdc", work / f"prepared_{image_size}"
+def make_phantom(work: Path, image_size: int, patients: int, **phantom: Any) -> Path:
+    """A small prepared phantom (as the tests' fixture), made once and reused from ``work``;
+    ``phantom`` holds further PhantomConfig keys (noise, contrast, slices, frames)."""
+    shape = {"slices": (4, 6), "frames": (6, 8), **phantom}
+    tag = "".join(f"_{key}{value}" for key, value in sorted(phantom.items()))
+    tag = tag.replace(" ", "").replace("(", "").replace(")", "").replace(",", "-")
+    raw, prepared = work / f"phantom_acdc{tag}", work / f"prepared_{image_size}{tag}"
     if not (prepared / "manifest.json").is_file():
         shutil.rmtree(raw, ignore_errors=True)
-        write_acdc_tree(raw, patients, seed=7, config=PhantomConfig.for_image_size(
-            image_size, slices=(4, 6), frames=(6, 8)))
+        write_acdc_tree(raw, patients, seed=7,
+                        config=PhantomConfig.for_image_size(image_size, **shape))
         prepare_dataset(PrepareConfig(source=str(raw), out=str(prepared), name="phantom",
                                       image_size=image_size, min_shards=2), progress=False)
     return prepared

@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--patients", type=int, default=20)
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--image-size", type=int, default=128)
+    phantom.add_argument("--noise", type=float, nargs=2, metavar=("LO", "HI"),
+                         default=(0.015, 0.05),
+                         help="range of the noise sigma, as a fraction of the blood signal")
+    phantom.add_argument("--contrast", type=float, default=1.0,
+                         help="factor on tissue contrast (below 1 is harder to segment)")
 
     prepare = sub.add_parser("prepare", help="raw dataset -> shards, zarr store, manifest")
     prepare.add_argument("--source", help="raw dataset root (sets source=)")
@@ -44,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "phantom":
         from data_prep.phantom import PhantomConfig, write_acdc_tree
 
-        config = PhantomConfig.for_image_size(args.image_size)
+        config = PhantomConfig.for_image_size(args.image_size, noise=tuple(args.noise),
+                                              contrast=args.contrast)
         folders = write_acdc_tree(args.out, args.patients, seed=args.seed, config=config,
                                   progress=True)
         print(f"wrote {len(folders)} patients under {args.out}")

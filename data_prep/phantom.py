@@ -62,6 +62,11 @@ class PhantomConfig:
     frames: tuple[int, int] = (12, 20)  # cine frames per patient
     pixel_spacing: tuple[float, float] = (1.3, 1.8)  # mm, in-plane isotropic
     slice_thickness: tuple[float, float] = (5.0, 10.0)  # mm
+    # Difficulty: Rician noise sigma as a fraction of the blood signal, and a factor on
+    # every tissue's difference from soft tissue (1 = typical bSSFP contrast; lower is
+    # harder: myocardium nearer its surroundings, blood pools less bright).
+    noise: tuple[float, float] = (0.015, 0.05)
+    contrast: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 16:
@@ -72,11 +77,13 @@ class PhantomConfig:
             if int(lo) != lo or int(hi) != hi or not lowest <= lo <= hi:
                 raise ValueError(f"PhantomConfig.{name} must be integers {lowest} <= lo <= hi, "
                                  f"got {(lo, hi)!r}")
-        for name in ("pixel_spacing", "slice_thickness"):
+        for name in ("pixel_spacing", "slice_thickness", "noise"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"PhantomConfig.{name} must satisfy 0 < lo <= hi, "
                                  f"got {(lo, hi)!r}")
+        if not 0 < self.contrast <= 2:
+            raise ValueError(f"PhantomConfig.contrast must be in (0, 2], got {self.contrast!r}")
 
     @classmethod
     def for_image_size(cls, image_size: int, **kwargs: object) -> PhantomConfig:
@@ -301,6 +308,10 @@ def _plan_patient(rng: np.random.Generator, config: PhantomConfig) -> _Plan:
         "bone": uni(0.28, 0.42),
         "csf": uni(0.75, 0.95),
     }
+    if config.contrast != 1.0:  # the default keeps the original draws byte for byte
+        soft = tissue["soft"]
+        tissue = {name: max(0.01, soft + config.contrast * (value - soft))
+                  for name, value in tissue.items()}
     height = float(np.clip(rng.normal(171, 9), 150, 200))
     bmi = float(np.clip(rng.normal(26, 4), 17, 42))
 
@@ -327,7 +338,7 @@ def _plan_patient(rng: np.random.Generator, config: PhantomConfig) -> _Plan:
         lung_coef=_fourier(rng, (0.06, 0.04, 0.03), n=2),
         aorta=(body_v - uni(55, 68), uni(14, 26), uni(10, 14)),
         rotation=math.radians(uni(-25, 25)), view_center=view_center,
-        tissue=tissue, blood_counts=uni(450, 1300), noise=uni(0.015, 0.05),
+        tissue=tissue, blood_counts=uni(450, 1300), noise=uni(*config.noise),
         blur=uni(0.4, 0.8), bias_coef=rng.normal(0, [0.25, 0.25, 0.12, 0.08, 0.12]),
         height_cm=float(round(height)), weight_kg=float(round(bmi * (height / 100) ** 2)),
     )

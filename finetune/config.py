@@ -42,6 +42,12 @@ class FinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0
+    # The linear warm-up climbs from this rate to lr (the study: 1e-6 -> 1e-4 over 10
+    # epochs, then cosine); step k of W warm-up steps uses start + (lr - start)(k + 1)/W.
+    warmup_start_lr: float = 0.0
+    # Clip the global gradient norm to this before each optimizer step (the study: 5.0);
+    # None = no clipping.
+    grad_clip_norm: float | None = None
     loss: Literal["dice_ce", "jaccard"] = "dice_ce"  # MONAI's DiceCELoss / Jaccard DiceLoss
     # spatial (image and mask together) and intensity (image) augmentation, on the device
     augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
@@ -77,6 +83,12 @@ class FinetuneConfig:
             raise ValueError(f"device_data_gb must be >= 0, got {self.device_data_gb}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_start_lr <= self.lr:
+            raise ValueError(f"warmup_start_lr must lie in [0, lr={self.lr}], "
+                             f"got {self.warmup_start_lr}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be > 0 (or null: no clipping), "
+                             f"got {self.grad_clip_norm}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must lie in [0, epochs={self.epochs}], "
                              f"got {self.warmup_epochs}")

@@ -28,6 +28,7 @@ class FinetuneStep:
     loss_fn: nn.Module
     augment: SegAugmentConfig
     device: torch.device
+    grad_clip_norm: float | None = None  # max global gradient norm; None: not clipped
 
     @property
     def compiled(self) -> bool:
@@ -47,6 +48,8 @@ class FinetuneStep:
         loss = self.loss_fn(logits.float(), masks[:, None])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_clip_norm is not None:
+            clip_gradients(self.model, self.grad_clip_norm)
         self.optimizer.step()
         return loss.detach()
 
@@ -58,7 +61,19 @@ def build_step(model: nn.Module, config: FinetuneConfig, device: torch.device) -
     optimizer = build_optimizer(model.parameters(), config.optimizer, config.lr,
                                 config.weight_decay)
     return FinetuneStep(model, forward, optimizer, loss_function(config.loss),  # type: ignore[arg-type]
-                        config.augment, device)
+                        config.augment, device, config.grad_clip_norm)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global L2 norm is at most ``max_norm``; returns the
+    norm before clipping, as a device tensor.
+
+    No GradScaler is involved (bf16 autocast needs none), so the gradients are already
+    unscaled. torch computes the norm and the scale on the device (foreach kernels where
+    the device has them) and never reads them on the host: the step stays free of
+    synchronisation. Frozen encoder parameters have no gradient and are skipped.
+    """
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def loss_function(name: str) -> nn.Module:

@@ -116,7 +116,8 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
         # summed on the device and read once per epoch: no host synchronisation per step
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch_start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
-            lr = warmup_cosine(step, total_steps, warmup_steps, config.lr)
+            lr = warmup_cosine(step, total_steps, warmup_steps, config.lr,
+                               start=config.warmup_start_lr)
             loss_sum += train_step(train_data, order[batch_start:batch_start + config.batch_size],
                                    generator, lr)
             step += 1

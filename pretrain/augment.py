@@ -6,7 +6,8 @@ make sense for 1-channel intensity images are used: no hue, saturation or graysc
 
 Per view, in this order (:mod:`pretrain.dali_augment` mirrors it for the DALI loader):
 random resized crop, flips and rotation as one affine resampling; Gaussian blur; gamma;
-contrast; brightness; Gaussian noise. A setting that is off draws no random numbers.
+contrast and brightness (together, for a ``jitter_prob`` share of the samples); Gaussian
+noise. A setting that is off draws no random numbers.
 """
 
 from __future__ import annotations
@@ -142,11 +143,18 @@ def augment_view(images: torch.Tensor, view: ViewConfig, size: int,
     if (low, high) != (1.0, 1.0):
         out = adjust_gamma(out, torch.exp(uniform(math.log(low), math.log(high), batch,
                                                   generator, device)))
+    jittered = None  # every sample, unless jitter_prob < 1
+    if view.jitter_prob < 1 and (view.contrast > 0 or view.brightness > 0):
+        jittered = torch.rand(batch, generator=generator, device=device) < view.jitter_prob
     if view.contrast > 0:
-        out = adjust_contrast(out, uniform(1 - view.contrast, 1 + view.contrast, batch,
-                                           generator, device))
+        factor = uniform(1 - view.contrast, 1 + view.contrast, batch, generator, device)
+        if jittered is not None:
+            factor = torch.where(jittered, factor, 1.0)
+        out = adjust_contrast(out, factor)
     if view.brightness > 0:
         shift = uniform(-view.brightness, view.brightness, batch, generator, device)
+        if jittered is not None:
+            shift = torch.where(jittered, shift, 0.0)
         out = out + shift.view(shape)
     if view.noise_std > 0:
         sigma = uniform(0.0, view.noise_std, batch, generator, device)

@@ -77,6 +77,9 @@ class ViewConfig:
     gamma: tuple[float, float] = (1.0, 1.0)
     brightness: float = 0.4  # additive shift, in normalised intensity units
     contrast: float = 0.4  # multiplicative factor range 1 +- contrast
+    # Chance that a sample gets the contrast and brightness change at all (torchvision's
+    # RandomApply around its colour jitter; the reference study used 0.8).
+    jitter_prob: float = 1.0
     blur_prob: float = 0.0  # chance of a Gaussian blur per sample
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur std range in output pixels
     noise_std: float = 0.0  # max Gaussian noise std, in normalised units
@@ -91,6 +94,7 @@ class ViewConfig:
             "gamma": 0 < self.gamma[0] <= self.gamma[1],
             "brightness": self.brightness >= 0,
             "contrast": 0 <= self.contrast < 1,  # a factor <= 0 would invert or flatten
+            "jitter_prob": 0 <= self.jitter_prob <= 1,
             "blur_prob": 0 <= self.blur_prob <= 1,
             "blur_sigma": 0 < self.blur_sigma[0] <= self.blur_sigma[1],
             "noise_std": self.noise_std >= 0,
@@ -119,10 +123,20 @@ class MethodConfig:
     # (Barlow Twins, VICReg).
     projector_hidden: int = 4096
     projection_dim: int = 256
+    predictor_hidden: int = 0  # BYOL's predictor width; 0 = projector_hidden
     tau_base: float = 0.99  # BYOL: target EMA, cosine-scheduled from tau_base to 1
     temperature: float = 0.1  # SimCLR
     lambda_offdiag: float = 5e-3  # Barlow Twins: weight of the off-diagonal terms
     vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)  # inv., var., cov.
+    # BatchNorm statistics per view ("separate": one pass per view, as the reference BYOL,
+    # Barlow Twins and VICReg implementations) or over both views ("joint": one pass, as
+    # SimCLR's). "auto" picks separate for BYOL, Barlow Twins and VICReg, joint for SimCLR.
+    view_batchnorm: Literal["auto", "separate", "joint"] = "auto"
+
+    def resolved_view_batchnorm(self) -> Literal["separate", "joint"]:
+        if self.view_batchnorm != "auto":
+            return self.view_batchnorm
+        return "joint" if self.name == "simclr" else "separate"
 
 
 @dataclass
@@ -131,10 +145,20 @@ class OptimConfig:
     lr: float = 1e-3  # for a global batch of 256; scaled linearly with the batch
     momentum: float = 0.9  # LARS
     eta: float = 0.001  # LARS trust coefficient (biases and norm weights are not adapted)
+    # LARS trust ratio: "update" eta*||w||/||g + wd*w||; "paper" (You et al. 2017,
+    # solo-learn, the reference study) eta*||w||/(||g|| + wd*||w||). Same when wd = 0.
+    trust_ratio: Literal["update", "paper"] = "update"
+    # LARS only (adamw ignores it): cap each tensor's adaptive rate at the global lr (LARC)
+    clip_lr: bool = False
     weight_decay: float = 1e-6
     warmup_epochs: float = 1.0
     epochs: int = 10
     grad_accum: int = 1  # micro batches per optimizer step
+
+    def __post_init__(self) -> None:
+        if self.trust_ratio not in ("update", "paper"):
+            raise ValueError(f"optim.trust_ratio must be 'update' or 'paper', "
+                             f"got {self.trust_ratio!r}")
 
 
 @dataclass

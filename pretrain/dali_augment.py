@@ -84,11 +84,20 @@ def augment_view(images: DataNode, height: DataNode, width: DataNode, view: View
         spread = highest - lowest
         gamma = dmath.exp(_uniform(math.log(low), math.log(high)))
         out = lowest + spread * dmath.pow((out - lowest) / dmath.max(spread, 1e-6), gamma)
+    jittered = None  # every sample, unless jitter_prob < 1
+    if view.jitter_prob < 1 and (view.contrast > 0 or view.brightness > 0):
+        jittered = _coin(view.jitter_prob)
     if view.contrast > 0:
         mean = fn.reductions.mean(out)
-        out = mean + (out - mean) * _uniform(1 - view.contrast, 1 + view.contrast)
+        factor = _uniform(1 - view.contrast, 1 + view.contrast)
+        if jittered is not None:
+            factor = jittered * factor + (1 - jittered) * 1.0
+        out = mean + (out - mean) * factor
     if view.brightness > 0:
-        out = out + _uniform(-view.brightness, view.brightness)
+        shift = _uniform(-view.brightness, view.brightness)
+        if jittered is not None:
+            shift = jittered * shift
+        out = out + shift
     if view.noise_std > 0:
         out = fn.noise.gaussian(out, stddev=_uniform(0.0, view.noise_std))
     return fn.transpose(out, perm=[2, 0, 1], output_layout="CHW")

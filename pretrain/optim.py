@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 DECAY, NO_DECAY = "decay", "no_decay"
 OPTIMIZERS = ("lars", "adamw")
+TRUST_RATIOS = ("update", "paper")  # LARS's optim.trust_ratio
 
 # torch's own normalisation layers; RMSNorm exists from torch 2.4 on.
 _TORCH_NORMS: tuple[type[nn.Module], ...] = (
@@ -115,9 +116,25 @@ class LARS(Optimizer):
     For each parameter ``p`` with gradient ``g`` in a group with ``lars_adapt=True``::
 
         u = g + weight_decay * p
-        trust = eta * ||p|| / ||u||   (1 where either norm is 0)
-        mu = momentum * mu + trust * u
+        trust = eta * ||p|| / ||u||                                 (trust_ratio="update")
+        trust = eta * ||p|| / (||g|| + weight_decay * ||p|| + eps)  (trust_ratio="paper")
+        factor = min(trust / lr, 1) if clip_lr else trust
+        mu = momentum * mu + factor * u
         p = p - lr * mu
+
+    Where a norm in the ratio is 0 (``||p||`` or ``||u||``; ``||p||`` or ``||g||`` for
+    "paper") the factor is 1, clipped or not. "update" (the default) divides by the norm
+    of the decayed update; "paper" is the paper's Eq. 6 as solo-learn implements it (the
+    reference study's optimizer). Its denominator is never smaller (triangle inequality),
+    so its trust is never larger; the two agree when ``weight_decay`` is 0 (up to eps).
+
+    ``clip_lr`` (LARC-style, solo-learn's ``clip_lars_lr``) makes ``trust`` a rate of its
+    own, capped at the global one: a tensor steps ``lr * min(trust / lr, 1) = min(trust,
+    lr)`` per unit of update, where unclipped it steps ``lr * trust`` (so ``eta`` wants
+    retuning when switching; solo-learn's clipped BYOL recipes use eta 0.02). At
+    ``lr == 0`` the cap is lifted: factor 1, the limit of ``min(trust / lr, 1)`` as
+    lr -> 0 and what solo-learn's float division gives there. The parameters do not move
+    that step; the momentum buffer still takes ``u``.
 
     In groups with ``lars_adapt=False`` (biases, norm parameters) ``u = g``: no weight
     decay and no adaptation, whatever the group's ``weight_decay``; this is how BYOL,
@@ -126,12 +143,15 @@ class LARS(Optimizer):
     stable when ``lr`` is scaled with the batch.
 
     The update runs as ``torch._foreach_*`` kernels per group, device and dtype, with
-    no host synchronisation (the trust ratios stay on the device). Gradients are not
-    modified. State per parameter: ``momentum_buffer``.
+    no host synchronisation (the trust ratios stay on the device; ``lr`` is a Python
+    float). Gradients are not modified. State per parameter: ``momentum_buffer``.
+    ``trust_ratio`` and ``clip_lr`` are group settings, saved in the state dict; a state
+    dict from before they existed loads with this optimizer's own values.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 1e-6, eta: float = 1e-3, lars_adapt: bool = True):
+                 weight_decay: float = 1e-6, eta: float = 1e-3, lars_adapt: bool = True,
+                 trust_ratio: str = "update", clip_lr: bool = False, eps: float = 1e-8):
         if lr < 0:
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -140,9 +160,23 @@ class LARS(Optimizer):
             raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
         if eta <= 0:
             raise ValueError(f"LARS: eta (trust coefficient) must be > 0, got {eta}")
+        if trust_ratio not in TRUST_RATIOS:
+            raise ValueError(f"LARS: optim.trust_ratio must be one of {TRUST_RATIOS}, "
+                             f"got {trust_ratio!r}")
+        if eps < 0:
+            raise ValueError(f"LARS: eps must be >= 0, got {eps}")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                    "eta": eta, "lars_adapt": lars_adapt}
+                    "eta": eta, "lars_adapt": lars_adapt, "trust_ratio": trust_ratio,
+                    "clip_lr": clip_lr, "eps": eps}
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups saved before these settings existed take this optimizer's values.
+        defaults = getattr(self, "defaults", {})
+        for key, fallback in (("trust_ratio", "update"), ("clip_lr", False), ("eps", 1e-8)):
+            for group in self.param_groups:
+                group.setdefault(key, defaults.get(key, fallback))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -167,23 +201,37 @@ class LARS(Optimizer):
         return loss
 
     @staticmethod
+    def _factors(group: dict[str, Any], params: list[torch.Tensor],
+                 grads: list[torch.Tensor], updates: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor factors applied to ``updates`` (= g + wd * p), as one device tensor."""
+        # Norms in at least fp32, so bf16/fp16 weights get an accurate trust ratio.
+        norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
+        param_norms = torch.stack(torch._foreach_norm(params, 2, dtype=norm_dtype))
+        if group["trust_ratio"] == "paper":
+            grad_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype))
+            usable = (param_norms > 0) & (grad_norms > 0)
+            denominator = grad_norms + group["weight_decay"] * param_norms + group["eps"]
+            trust = group["eta"] * param_norms / denominator
+        else:
+            update_norms = torch.stack(torch._foreach_norm(updates, 2, dtype=norm_dtype))
+            usable = (param_norms > 0) & (update_norms > 0)
+            trust = group["eta"] * param_norms / update_norms
+        if group["clip_lr"]:
+            trust = _clip_to_lr(trust, group["lr"])
+        # Where a norm is 0 the division's inf/nan is discarded by the where.
+        return torch.where(usable, trust, torch.ones_like(param_norms))
+
+    @staticmethod
     def _update(group: dict[str, Any], params: list[torch.Tensor],
                 grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """One LARS step for tensors that share a device and dtype."""
         if group["lars_adapt"]:
             # A fresh tensor list either way, so scaling it in place leaves .grad alone.
             updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            # Norms in at least fp32, so bf16/fp16 weights get an accurate trust ratio.
-            norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
-            param_norms = torch.stack(torch._foreach_norm(params, 2, dtype=norm_dtype))
-            update_norms = torch.stack(torch._foreach_norm(updates, 2, dtype=norm_dtype))
-            usable = (param_norms > 0) & (update_norms > 0)
-            # Where a norm is 0 the division's inf/nan is discarded by the where.
-            trust = torch.where(usable, group["eta"] * param_norms / update_norms,
-                                torch.ones_like(param_norms))
+            factors = LARS._factors(group, params, grads, updates)
             # Per-tensor 0-dim factors take foreach's per-tensor path (one small kernel per
             # tensor). Measured on an H200, ResNet-50: ~1.5 ms/step against ~0.5 for SGD.
-            torch._foreach_mul_(updates, list(trust.to(params[0].dtype).unbind()))
+            torch._foreach_mul_(updates, list(factors.to(params[0].dtype).unbind()))
         else:
             updates = grads
 
@@ -201,17 +249,31 @@ class LARS(Optimizer):
         torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
+def _clip_to_lr(trust: torch.Tensor, lr: float) -> torch.Tensor:
+    """LARC clipping: ``min(trust / lr, 1)``, so the per-tensor rate never exceeds ``lr``.
+
+    ``lr`` is a Python float (no host sync). At ``lr <= 0`` the ratio is +inf for every
+    usable tensor, so the factor is 1; it is returned without dividing by zero.
+    """
+    if lr <= 0:
+        return torch.ones_like(trust)
+    return torch.clamp(trust / lr, max=1.0)
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
-                    momentum: float = 0.9, eta: float = 1e-3) -> Optimizer:
+                    momentum: float = 0.9, eta: float = 1e-3, trust_ratio: str = "update",
+                    clip_lr: bool = False) -> Optimizer:
     """The pretraining optimizer ``name`` ("lars" or "adamw") over ``parameter_groups``.
 
-    Both exclude biases and normalisation parameters from weight decay. ``momentum``
-    and ``eta`` apply to LARS only; AdamW keeps torch's betas and uses the fused CUDA
-    kernel when every parameter is on a CUDA device.
+    Both exclude biases and normalisation parameters from weight decay. ``momentum``,
+    ``eta``, ``trust_ratio`` and ``clip_lr`` apply to LARS only (AdamW ignores them);
+    AdamW keeps torch's betas and uses the fused CUDA kernel when every parameter is on
+    a CUDA device.
     """
     groups = parameter_groups(model, weight_decay)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                    trust_ratio=trust_ratio, clip_lr=clip_lr)
     if name == "adamw":
         for group in groups:
             del group["lars_adapt"]

@@ -6,10 +6,16 @@ import math
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float,
-                  final: float = 0.0) -> float:
-    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then cosine decay to ``final``."""
+                  final: float = 0.0, start: float = 0.0) -> float:
+    """Linear warmup from ``start`` to ``peak`` over ``warmup_steps``, then cosine decay to
+    ``final``.
+
+    Warm-up step k (0-based) of W uses ``start + (peak - start) (k + 1) / W``: the ramp
+    leaves ``start`` before the first step and reaches ``peak`` on the last warm-up step
+    (at ``start`` 0, exactly the arithmetic of the plain 0 -> peak ramp).
+    """
     if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return start + (peak - start) * (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))

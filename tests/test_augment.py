@@ -153,6 +153,23 @@ def test_blur_probability_picks_samples() -> None:
     assert 0 < unchanged.sum() < 64
 
 
+def test_jitter_prob_picks_the_samples_whose_contrast_and_brightness_change() -> None:
+    images = smooth_images(64)
+    jitter = dataclasses.replace(PLAIN, contrast=0.5, brightness=0.5)
+    unchanged = (views(images, dataclasses.replace(jitter, jitter_prob=0.0), 16) - images)
+    assert unchanged.abs().max() < 1e-5  # the whole-image crop is the identity
+    assert torch.equal(views(images, dataclasses.replace(jitter, jitter_prob=1.0), 16),
+                       views(images, jitter, 16))  # 1 draws nothing extra: the default
+    out = views(images, dataclasses.replace(jitter, jitter_prob=0.8), 16)
+    kept = (out - images).flatten(1).abs().amax(1) < 1e-5
+    assert 2 <= kept.sum() <= 26  # about 20% of 64 samples left alone
+    # a jittered sample gets both changes: its mean and its spread move
+    moved = ~kept
+    mean_shift = (out - images).mean(dim=(1, 2, 3)).abs()
+    spread = out.std(dim=(1, 2, 3)) / images.std(dim=(1, 2, 3))
+    assert (mean_shift[moved] > 0).all() and ((spread[moved] - 1).abs() > 1e-4).all()
+
+
 def test_gamma_rescales_by_each_image_range() -> None:
     images = randn(4, 1, 8, 8) * 3 + 1
     out = views(images, dataclasses.replace(PLAIN, gamma=(2.0, 2.0)), 8)
@@ -219,6 +236,7 @@ def test_default_views_are_asymmetric_like_byol() -> None:
 
 @pytest.mark.parametrize(("key", "value"), [("gamma", [0.0, 1.0]), ("blur_prob", 1.5),
                                             ("contrast", 1.0), ("rotation", -5.0),
+                                            ("jitter_prob", 1.5),
                                             ("blur_sigma", [0.0, 1.0])])
 def test_bad_settings_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"augment\.view2: {key} out of range"):

@@ -173,6 +173,21 @@ def test_blur_and_gamma_match_the_torch_augmentation(prepared: Path,
     torch.testing.assert_close(dali_view, torch_view, rtol=0, atol=1e-4)
 
 
+def test_jitter_prob_gates_contrast_and_brightness_as_in_the_torch_augmentation(
+        prepared: Path, reference: np.ndarray) -> None:
+    # jitter_prob 0: no sample changes, whatever the ranges; 1: every sample moves.
+    never = dataclasses.replace(PLAIN, contrast=0.5, brightness=0.5, jitter_prob=0.0)
+    always = dataclasses.replace(never, jitter_prob=1.0)
+    gated, jittered = next(loader(prepared, views=(never, always), crop_size=64))
+    images = torch.from_numpy(reference[:BATCH])
+    # identity warp, no intensity change (up to the rounding of mean + (x - mean) * 1)
+    torch.testing.assert_close(gated, images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(augment_view(images, never, 64, torch.Generator()), gated,
+                               rtol=0, atol=1e-5)
+    change = (jittered - images).flatten(1).abs().amax(1)
+    assert (change > 1e-3).all()
+
+
 def test_rotated_crops_stay_inside_the_image() -> None:
     dali = pytest.importorskip("nvidia.dali")
     from pretrain.dali_augment import crop_matrix

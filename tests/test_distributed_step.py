@@ -18,13 +18,18 @@ from pretrain.methods import SSLMethod, build_method
 from pretrain.weights import create_encoder
 from tests.launching import free_port, torchrun, worker_env
 
-METHODS = ["byol", "simclr", "barlow_twins", "vicreg"]
+# Each method with its default view_batchnorm (separate for all but SimCLR), plus the
+# other mode for one method of each kind: per-view statistics stay global across ranks.
+METHODS = ["byol", "simclr", "barlow_twins", "vicreg", "byol:joint", "simclr:separate"]
 BATCH = 8
 
 
-def build(name: str) -> SSLMethod:
+def build(spec: str) -> SSLMethod:
+    """``name`` or ``name:view_batchnorm``."""
     torch.manual_seed(0)
-    config = MethodConfig(name=name, projector_hidden=32, projection_dim=16)
+    name, _, views = spec.partition(":")
+    config = MethodConfig(name=name, projector_hidden=32,  # type: ignore[arg-type]
+                          projection_dim=16, view_batchnorm=views or "auto")  # type: ignore[arg-type]
     return build_method(config, create_encoder("resnet18", 1)).double()
 
 
@@ -54,7 +59,7 @@ def test_two_ranks_match_one_process(name: str, two_rank_results: Path) -> None:
     loss.backward()
     ranks = [torch.load(two_rank_results / f"{name}-rank{r}.pt", weights_only=True)
              for r in range(2)]
-    if name == "byol":  # a per-sample mean: each rank reports its half's mean
+    if name.startswith("byol"):  # a per-sample mean: each rank reports its half's mean
         distributed_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
     else:  # batch-global losses: every rank reports the loss of the whole batch
         torch.testing.assert_close(ranks[0]["loss"], ranks[1]["loss"])

@@ -80,3 +80,76 @@ def test_accumulated_step_averages_the_micro_batch_gradients(name: str) -> None:
         torch.testing.assert_close(param.grad, (first + second) / 2, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="needs 3 micro batches, got 2"):
         accumulated_step(method, method, optimizer, iter(micro), 3, lr=0.0, momentum=1.0)
+
+
+def _per_view_reference(method, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    """The method's loss written out with one network pass per view, as the reference
+    BYOL, Barlow Twins and VICReg implementations run it."""
+    from pretrain.losses.barlow_twins import barlow_twins_loss
+    from pretrain.losses.byol import byol_loss
+    from pretrain.losses.simclr import nt_xent_loss
+    from pretrain.losses.vicreg import vicreg_loss
+
+    def embed(view: torch.Tensor) -> torch.Tensor:
+        return method.projector(method.online_encoder(view))
+
+    z1, z2 = embed(view1), embed(view2)
+    name = type(method).__name__
+    if name == "BYOL":
+        p1, p2 = method.predictor(z1), method.predictor(z2)
+        with torch.no_grad():
+            t1 = method.target_projector(method.target_encoder(view1))
+            t2 = method.target_projector(method.target_encoder(view2))
+        return byol_loss(p1, t2) + byol_loss(p2, t1)
+    if name == "BarlowTwins":
+        return barlow_twins_loss(z1, z2, method.lambda_offdiag)
+    if name == "VICReg":
+        sim, var, cov = method.weights
+        return vicreg_loss(z1, z2, sim_weight=sim, var_weight=var, cov_weight=cov)
+    return nt_xent_loss(z1, z2, method.temperature)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_separate_view_batchnorm_equals_one_pass_per_view(name: str) -> None:
+    """Loss, gradients and BatchNorm running statistics of ``separate`` are those of two
+    independent passes; ``joint`` normalises both views together, which differs."""
+    import copy
+
+    torch.manual_seed(0)
+    config = MethodConfig(name=name, projector_hidden=32, projection_dim=16,  # type: ignore[arg-type]
+                          view_batchnorm="separate")
+    method = build_method(config, create_encoder("resnet18", 1)).double()
+    reference = copy.deepcopy(method)
+    generator = torch.Generator().manual_seed(3)
+    view1, view2 = torch.randn(2, 8, 1, 32, 32, generator=generator, dtype=torch.float64)
+    # Shift one view so a joint pass would normalise it by visibly different statistics.
+    view2 = 2.0 * view2 + 1.0
+
+    loss = method(view1, view2)
+    loss.backward()
+    expected = _per_view_reference(reference, view1, view2)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for (key, got), want in zip(method.named_parameters(), reference.parameters()):
+        if got.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12, msg=key)
+    for (key, got), want in zip(method.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=key)
+
+    joint = copy.deepcopy(reference)
+    joint.view_batchnorm = "joint"
+    assert not torch.allclose(joint(view1, view2), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("name", "mode"), [("byol", "separate"), ("barlow_twins", "separate"),
+                                            ("vicreg", "separate"), ("simclr", "joint")])
+def test_view_batchnorm_defaults_follow_the_reference_implementations(name: str,
+                                                                      mode: str) -> None:
+    method = build_method(MethodConfig(name=name, projector_hidden=16,  # type: ignore[arg-type]
+                                       projection_dim=8), create_encoder("resnet18", 1))
+    assert method.view_batchnorm == mode
+    other = "joint" if mode == "separate" else "separate"
+    chosen = build_method(MethodConfig(name=name, projector_hidden=16,  # type: ignore[arg-type]
+                                       projection_dim=8, view_batchnorm=other),  # type: ignore[arg-type]
+                          create_encoder("resnet18", 1))
+    assert chosen.view_batchnorm == other

@@ -146,6 +146,152 @@ def test_lars_rejects_bad_hyperparameters() -> None:
             LARS(p, **kwargs)
 
 
+def reference_lars_variant(params: list[torch.Tensor],
+                           grads_per_step: list[list[torch.Tensor]], adapt: list[bool],
+                           lrs: list[float], momentum: float, weight_decay: float, eta: float,
+                           trust_ratio: str, clip_lr: bool,
+                           eps: float = 1e-8) -> list[torch.Tensor]:
+    """Both trust ratios and LARC clipping, per tensor, straight from the formulas."""
+    params = [p.clone() for p in params]
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    for grads, lr in zip(grads_per_step, lrs, strict=True):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if adapt[i]:
+                u = g + weight_decay * p
+                w_norm, g_norm, u_norm = (float(t.norm()) for t in (p, g, u))
+                if trust_ratio == "paper":
+                    ok = w_norm > 0 and g_norm > 0
+                    trust = eta * w_norm / (g_norm + weight_decay * w_norm + eps) if ok else 1.0
+                else:
+                    ok = w_norm > 0 and u_norm > 0
+                    trust = eta * w_norm / u_norm if ok else 1.0
+                if clip_lr and ok:
+                    trust = min(trust / lr, 1.0) if lr > 0 else 1.0
+                update = trust * u
+            else:
+                update = g
+            buffers[i] = update if buffers[i] is None else momentum * buffers[i] + update
+            params[i] = p - lr * buffers[i]
+    return params
+
+
+def _run_lars(initial: list[torch.Tensor], grads: list[list[torch.Tensor]], adapt: list[bool],
+              lrs: list[float], **kwargs: object) -> list[torch.Tensor]:
+    params = [nn.Parameter(p.clone()) for p in initial]
+    optimizer = LARS([
+        {"params": [p for p, a in zip(params, adapt) if a], "lars_adapt": True},
+        {"params": [p for p, a in zip(params, adapt) if not a], "lars_adapt": False,
+         "weight_decay": 0.0},
+    ], lr=lrs[0], **kwargs)  # type: ignore[arg-type]
+    for step_grads, lr in zip(grads, lrs, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+def _variant_problem(seed: int = 0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]],
+                                             list[bool]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4), (3, 2, 3, 3), (5,), (4,), (7, 2)]
+    initial = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+             for _ in range(5)]
+    return initial, grads, [True, True, False, False, True]
+
+
+@pytest.mark.parametrize("clip_lr", [False, True])
+@pytest.mark.parametrize("trust_ratio", ["update", "paper"])
+def test_lars_variants_match_reference(trust_ratio: str, clip_lr: bool) -> None:
+    initial, grads, adapt = _variant_problem()
+    # one lr of 0 (a warm-up start) and lrs on both sides of the trust ratios (~0.02)
+    lrs = [0.0, 1.0, 0.01, 0.3, 0.002]
+    hyper = {"momentum": 0.9, "weight_decay": 0.05, "eta": 0.02}
+    got = _run_lars(initial, grads, adapt, lrs, trust_ratio=trust_ratio, clip_lr=clip_lr,
+                    **hyper)
+    want = reference_lars_variant(initial, grads, adapt, lrs, trust_ratio=trust_ratio,
+                                  clip_lr=clip_lr, **hyper)  # type: ignore[arg-type]
+    for p, w in zip(got, want, strict=True):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, w, rtol=1e-10, atol=1e-12)
+
+
+def test_lars_default_is_the_update_ratio_unclipped() -> None:
+    initial, grads, adapt = _variant_problem(1)
+    lrs, hyper = [0.5, 1.0, 0.8, 0.3, 0.1], {"momentum": 0.9, "weight_decay": 0.05, "eta": 0.02}
+    default = _run_lars(initial, grads, adapt, lrs, **hyper)
+    explicit = _run_lars(initial, grads, adapt, lrs, trust_ratio="update", clip_lr=False,
+                         **hyper)
+    for a, b in zip(default, explicit, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_lars_trust_ratios_differ_only_with_weight_decay(weight_decay: float) -> None:
+    initial, grads, adapt = _variant_problem(2)
+    lrs, hyper = [0.5] * 5, {"momentum": 0.9, "weight_decay": weight_decay, "eta": 0.02}
+    update = _run_lars(initial, grads, adapt, lrs, trust_ratio="update", **hyper)
+    paper = _run_lars(initial, grads, adapt, lrs, trust_ratio="paper", **hyper)
+    for i, (a, b) in enumerate(zip(update, paper, strict=True)):
+        if weight_decay == 0 or not adapt[i]:
+            # eps = 1e-8 in the paper's denominator is the only difference left
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        else:
+            assert not torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def _one_step(w: torch.Tensor, g: torch.Tensor, lr: float, clip_lr: bool) -> torch.Tensor:
+    p = nn.Parameter(w.clone())
+    optimizer = LARS([p], lr=lr, momentum=0.0, weight_decay=0.0, eta=0.1, clip_lr=clip_lr)
+    p.grad = g.clone()
+    optimizer.step()
+    return p.detach()
+
+
+def test_lars_clip_lr_caps_the_rate_only_above_lr() -> None:
+    """Clipped, a tensor's rate is min(trust, lr); unclipped it is lr * trust."""
+    w = torch.full((4, 4), 1.0, dtype=torch.float64)  # ||w|| = 4
+    g = torch.full((4, 4), 0.01, dtype=torch.float64)  # ||g|| = 0.04: trust = 0.1 * 4 / 0.04
+    trust = 10.0
+    # trust > lr: capped at lr, the plain SGD step
+    torch.testing.assert_close(_one_step(w, g, 0.5, clip_lr=True), w - 0.5 * g)
+    torch.testing.assert_close(_one_step(w, g, 0.5, clip_lr=False), w - 0.5 * trust * g)
+    # trust < lr: the cap does not bind, min(trust / lr, 1) * lr = trust
+    torch.testing.assert_close(_one_step(w, g, 50.0, clip_lr=True), w - trust * g)
+    torch.testing.assert_close(_one_step(w, g, 50.0, clip_lr=False), w - 50.0 * trust * g)
+
+
+def test_lars_clip_lr_at_zero_lr_is_finite_and_lifts_the_cap() -> None:
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g = 0.5 * w
+    p = nn.Parameter(w.clone())
+    optimizer = LARS([p], lr=0.0, momentum=0.9, weight_decay=0.0, eta=0.1, clip_lr=True)
+    p.grad = g.clone()
+    optimizer.step()
+    assert torch.equal(p.detach(), w)  # lr 0: nothing moves
+    torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], g)  # factor 1
+
+
+def test_lars_rejects_unknown_trust_ratio() -> None:
+    with pytest.raises(ValueError, match=r"optim\.trust_ratio"):
+        LARS([nn.Parameter(torch.ones(2, 2))], lr=0.1, trust_ratio="layer")
+
+
+def test_optim_config_validates_trust_ratio() -> None:
+    from cluster.config import ConfigError, from_dict
+    from pretrain.config import OptimConfig, PretrainConfig
+
+    assert OptimConfig().trust_ratio == "update" and OptimConfig().clip_lr is False
+    with pytest.raises(ValueError, match=r"optim\.trust_ratio"):
+        OptimConfig(trust_ratio="layer")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"optim\.trust_ratio"):
+        from_dict(PretrainConfig, {"optim": {"trust_ratio": "layer"}})
+    config = from_dict(PretrainConfig, {"optim": {"trust_ratio": "paper", "clip_lr": True}})
+    assert (config.optim.trust_ratio, config.optim.clip_lr) == ("paper", True)
+
+
 def _check_groups(model: nn.Module, groups: list[dict]) -> tuple[set[str], set[str]]:
     """Common invariants; returns the names in (decay, no_decay)."""
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
@@ -277,12 +423,14 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer,
     return losses
 
 
-@pytest.mark.parametrize("name", ["lars", "adamw"])
+@pytest.mark.parametrize("name", ["lars", "lars-paper-clip", "adamw"])
 def test_state_dict_round_trip_resumes_identically(name: str) -> None:
     batches = _batches(8)
     model = _tiny_net()
+    variant = {"trust_ratio": "paper", "clip_lr": True} if name == "lars-paper-clip" else {}
+    name = name.split("-")[0]
     optimizer = build_optimizer(name, model, lr=0.5 if name == "lars" else 1e-2,
-                                weight_decay=1e-2, eta=0.02)
+                                weight_decay=1e-2, eta=0.02, **variant)  # type: ignore[arg-type]
     _train(model, optimizer, batches[:4])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -295,6 +443,9 @@ def test_state_dict_round_trip_resumes_identically(name: str) -> None:
     resumed_optimizer = build_optimizer(name, resumed, lr=123.0, weight_decay=0.0)
     resumed_optimizer.load_state_dict(saved["optimizer"])  # restores lr, decay, buffers
     assert [g["name"] for g in resumed_optimizer.param_groups] == ["decay", "no_decay"]
+    if variant:  # the variant's settings are group settings, restored with the rest
+        assert all(g["trust_ratio"] == "paper" and g["clip_lr"]
+                   for g in resumed_optimizer.param_groups)
     _train(resumed, resumed_optimizer, batches[4:])
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -341,3 +492,19 @@ def test_scaled_lr() -> None:
     assert scaled_lr(1e-3, 128, reference_batch=64) == pytest.approx(2e-3)
     with pytest.raises(ValueError):
         scaled_lr(0.1, 0)
+
+
+def test_lars_loads_a_state_dict_saved_before_the_variants() -> None:
+    model = _tiny_net()
+    optimizer = build_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02)
+    _train(model, optimizer, _batches(2))
+    old = optimizer.state_dict()
+    for group in old["param_groups"]:  # as a checkpoint from before the keys existed
+        for key in ("trust_ratio", "clip_lr", "eps"):
+            del group[key]
+    resumed = build_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02,
+                              trust_ratio="paper", clip_lr=True)
+    resumed.load_state_dict(old)
+    assert all(g["trust_ratio"] == "paper" and g["clip_lr"] and g["eps"] == 1e-8
+               for g in resumed.param_groups)
+    _train(model, resumed, _batches(2, seed=1))

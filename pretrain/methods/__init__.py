@@ -14,9 +14,16 @@ from pretrain.methods.vicreg import VICReg
 
 def build_method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
     """The method named by ``config.name`` around ``encoder`` (a timm model, no head)."""
+    method = _method(config, encoder)
+    method.view_batchnorm = config.resolved_view_batchnorm()
+    return method
+
+
+def _method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
     features = encoder.num_features
     if config.name == "byol":
-        return BYOL(encoder, features, config.projector_hidden, config.projection_dim)
+        return BYOL(encoder, features, config.projector_hidden, config.projection_dim,
+                    predictor_hidden=config.predictor_hidden or config.projector_hidden)
     if config.name == "simclr":
         return SimCLR(encoder, features, config.projector_hidden, config.projection_dim,
                       config.temperature)

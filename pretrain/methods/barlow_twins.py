@@ -18,5 +18,5 @@ class BarlowTwins(SSLMethod):
         self.lambda_offdiag = lambda_offdiag
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.embed(torch.cat([view1, view2])).chunk(2)
+        z1, z2 = self.per_view(self.embed, view1, view2)
         return barlow_twins_loss(z1, z2, self.lambda_offdiag)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 from torch import nn
+
+ViewBatchNorm = Literal["separate", "joint"]
+VIEW_BATCHNORM: tuple[str, ...] = ("separate", "joint")
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2,
@@ -30,6 +36,10 @@ class SSLMethod(nn.Module):
     online_encoder: nn.Module
     projector: nn.Module
     uses_momentum: bool = False
+    # How the two views pass through the networks, hence which samples share BatchNorm
+    # statistics: "separate" (one pass per view, the reference BYOL, Barlow Twins and
+    # VICReg code) or "joint" (one pass over both views, as SimCLR's).
+    view_batchnorm: ViewBatchNorm = "joint"
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,3 +50,16 @@ class SSLMethod(nn.Module):
 
     def embed(self, views: torch.Tensor) -> torch.Tensor:
         return self.projector(self.online_encoder(views))
+
+    def per_view(self, network: Callable[[torch.Tensor], torch.Tensor], view1: torch.Tensor,
+                 view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``network`` applied to each view, in one pass or two as ``view_batchnorm`` says.
+
+        In training mode a BatchNorm normalises by the statistics of the batch it sees, so
+        a joint pass mixes both views' statistics; separate passes keep them per view (and
+        under SyncBatchNorm each pass is still synchronised over every rank).
+        """
+        if self.view_batchnorm == "joint":
+            first, second = network(torch.cat([view1, view2])).chunk(2)
+            return first, second
+        return network(view1), network(view2)

@@ -16,11 +16,12 @@ class BYOL(SSLMethod):
 
     uses_momentum = True
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, hidden: int, projection_dim: int):
+    def __init__(self, encoder: nn.Module, feature_dim: int, hidden: int, projection_dim: int,
+                 predictor_hidden: int | None = None):
         super().__init__()
         self.online_encoder = encoder
         self.projector = mlp(feature_dim, hidden, projection_dim)
-        self.predictor = mlp(projection_dim, hidden, projection_dim)
+        self.predictor = mlp(projection_dim, predictor_hidden or hidden, projection_dim)
         self.target_encoder = copy.deepcopy(encoder)
         self.target_projector = copy.deepcopy(self.projector)
         for param in self.target_parameters():
@@ -31,13 +32,16 @@ class BYOL(SSLMethod):
         yield from self.target_projector.parameters()
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        views = torch.cat([view1, view2])
-        predictions = self.predictor(self.projector(self.online_encoder(views)))
+        p1, p2 = self.per_view(self._predict, view1, view2)
         with torch.no_grad():
-            targets = self.target_projector(self.target_encoder(views))
-        p1, p2 = predictions.chunk(2)
-        z1, z2 = targets.chunk(2)
+            z1, z2 = self.per_view(self._target, view1, view2)
         return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+    def _predict(self, views: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(self.online_encoder(views)))
+
+    def _target(self, views: torch.Tensor) -> torch.Tensor:
+        return self.target_projector(self.target_encoder(views))
 
     @torch.no_grad()
     def after_step(self, momentum: float) -> None:

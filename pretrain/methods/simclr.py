@@ -18,5 +18,5 @@ class SimCLR(SSLMethod):
         self.temperature = temperature
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.embed(torch.cat([view1, view2])).chunk(2)
+        z1, z2 = self.per_view(self.embed, view1, view2)
         return nt_xent_loss(z1, z2, self.temperature)

@@ -18,7 +18,7 @@ class VICReg(SSLMethod):
         self.weights = weights
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.embed(torch.cat([view1, view2])).chunk(2)
+        z1, z2 = self.per_view(self.embed, view1, view2)
         invariance, variance, covariance = self.weights
         return vicreg_loss(z1, z2, sim_weight=invariance, var_weight=variance,
                            cov_weight=covariance)
