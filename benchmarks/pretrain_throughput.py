@@ -64,8 +64,9 @@ def make_dataset(work: Path, image_size: int, patients: int) -> Path:
     raw, prepared = work / "phantom_acdc", work / f"prepared_{image_size}"
     if not (prepared / "manifest.json").is_file():
         write_acdc_tree(raw, patients, config=PhantomConfig.for_image_size(image_size))
+        # one process: a pool's spawned workers would re-import this heavy script
         prepare_dataset(PrepareConfig(source=str(raw), out=str(prepared), name="phantom",
-                                      image_size=image_size, min_shards=32,
+                                      image_size=image_size, min_shards=32, workers=1,
                                       pretrain_splits=["train", "val", "test"]),
                         progress=False)
     return prepared
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--probe-steps", type=int, default=ProbeConfig.steps,
+                        help="head training steps per probe (default: the probe's default)")
     parser.add_argument("--probe-epoch-images", type=int, default=22000,
                         help="images per epoch the probe's share is taken against (ACDC's "
                              "training cine slices: 80 patients x ~30 frames x ~9 slices); "
@@ -185,7 +188,8 @@ def main() -> None:
     # share of wall time when it runs after every epoch of --probe-epoch-images images
     probe_s = None
     if args.probe_epoch_images:
-        probe = SegmentationProbe(ProbeConfig(every_epochs=1), str(data), args.crop, device)
+        probe = SegmentationProbe(ProbeConfig(every_epochs=1, steps=args.probe_steps),
+                                  str(data), args.crop, device)
         probe.run(byol.online_encoder)  # warm-up (kernels, allocator)
         probe_s = probe.run(byol.online_encoder)["seconds"]
 

@@ -122,7 +122,7 @@ def _pretrain_args(arch: str) -> Callable[[str, Path], list[str]]:
             profile,
             ["--patients", "3", "--image-size", "48", "--crop", "32", "--batch", "4",
              "--workers", "1", "--steps", "2", "--warmup", "1", "--repeats", "2",
-             "--projector-hidden", "64"],
+             "--projector-hidden", "64", "--probe-steps", "10"],
             ["--patients", "4", "--image-size", "96", "--crop", "64", "--batch", "16",
              "--workers", "1", "--steps", "4", "--warmup", "2"],
             ["--patients", "12", "--image-size", "256", "--crop", "224", "--batch", "256",
@@ -167,7 +167,7 @@ def _sweep_args(profile: str, work: Path) -> list[str]:
     return ["--work", str(work / "sweep"), *_sizes(
         profile,
         ["--trials", "2", "--epochs", "1", "--image-size", "32", "--patients", "4",
-         "--batch", "4", "--epoch-samples", "4", "--budget", "4"],
+         "--batch", "4", "--epoch-samples", "4", "--budget", "4", "--no-concurrent"],
         ["--trials", "4", "--epochs", "2"],
         ["--trials", "4", "--epochs", "2"])]
 

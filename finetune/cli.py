@@ -97,16 +97,16 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from cluster.config import apply_override, read_yaml_mapping
     from cluster.ray_local import cluster_address, prepare_local_environment
-
-    if cluster_address(args.address) is None:
-        prepare_local_environment()  # before anything imports Ray
-    from finetune.sweep import run_sweep
     from finetune.sweep_config import load_sweep_config
 
     raw = read_yaml_mapping(args.config)
     for item in args.overrides:
         apply_override(raw, item)
-    config = load_sweep_config(raw)
+    config = load_sweep_config(raw)  # a bad config stops here, before Ray is imported
+    if cluster_address(args.address) is None:
+        prepare_local_environment()  # before anything imports Ray
+    from finetune.sweep import run_sweep
+
     outcome = run_sweep(config, address=args.address, num_cpus=args.num_cpus)
     results = outcome.results
     print(f"sweep {config.name}: {len(results.rows)} of "

@@ -6,7 +6,9 @@ no downloads; the sizes are chosen to keep the whole suite within minutes on 2 c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import huggingface_hub
@@ -25,6 +27,7 @@ from pretrain.config import (
     PretrainConfig,
     RunConfig,
 )
+from tests.ray_cluster import RayCluster, start_cluster, stop_cluster
 
 torch.set_num_threads(2)
 
@@ -97,3 +100,17 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
         return state
 
     return store
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[RayCluster]:
+    """One real two-node Ray cluster on loopback for every test that needs one (each
+    start costs seconds); see ``ray_cluster.py``."""
+    # short path: Ray's unix sockets live below the temp dir (107-byte limit)
+    tmp = Path(tempfile.mkdtemp(prefix="medssl-ray-", dir="/tmp"))
+    started = start_cluster(tmp)
+    try:
+        yield started
+    finally:
+        stop_cluster(started)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "loader", "pretrain_resnet50", "pretrain_vit", "packing", "finetune",
           "sweep", "scaling"]
@@ -37,6 +39,21 @@ def test_every_benchmark_runs_at_tiny_sizes_and_is_recorded(tmp_path: Path) -> N
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert len(rows) == len(STAGES) + 2  # header, rule, one row per stage
     assert f"commit {record['commit']}" in text
+
+    # the study's wall time per recipe, derived from this run's figures
+    derived = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "study_time.py"), str(results)],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert derived.returncode == 0, derived.stderr
+    rows = [line.split(" | ") for line in derived.stdout.splitlines()
+            if line.startswith("| ") and "hours" not in line]
+    assert [row[0].lstrip("| ") for row in rows] == [
+        "pretrain_byol_acdc.yaml, 400 epochs", "pretrain_byol_imagenet_acdc.yaml, 25 epochs",
+        "pretrain_supervised_imagenet_byol_acdc.yaml, 25 epochs", "sweep_grid.yaml, 600 runs",
+        "sweep_pretraining_length.yaml, 260 runs"]
+    hours = [float(row[2]) for row in rows]
+    assert all(h > 0 for h in hours)
+    assert hours[0] == pytest.approx(16 * hours[1], rel=0.05, abs=0.8)  # 400 vs 25 epochs
 
 
 def test_the_gpu_suite_lists_every_stage_without_running_it(tmp_path: Path) -> None:

@@ -1,20 +1,17 @@
 """Sweeps on a real two-node Ray cluster (loopback): job submission, crashes, retries.
 
-One cluster (a head and a second node, one CPU each) serves every test here; see
-``ray_cluster.py`` for how it stays on loopback.
+One cluster (a head and a second node, one CPU each; conftest's session fixture
+``cluster``) serves every test here; see ``ray_cluster.py`` for how it stays on loopback.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -25,23 +22,11 @@ import yaml
 from finetune.grid import run_grid
 from finetune.sweep_config import load_sweep_config, plan_trials, trial_config
 from finetune.train import read_starts
-from tests.ray_cluster import RayCluster, start_cluster, stop_cluster
+from tests.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.slow
 BASE = {"arch": "resnet18", "epochs": 2, "batch_size": 8, "epoch_samples": 16, "lr": 0.002,
         "overlays": 0, "device": "cpu"}
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
-    # short path: Ray's unix sockets live below the temp dir (107-byte limit)
-    tmp = Path(tempfile.mkdtemp(prefix="medssl-ray-", dir="/tmp"))
-    started = start_cluster(tmp)
-    try:
-        yield started
-    finally:
-        stop_cluster(started)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_config(folder: Path, **keys: object) -> Path:
