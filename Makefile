@@ -1,6 +1,8 @@
 # medssl: two commands on a fresh machine.
 #   make demo   create .venv if missing, install, run the end-to-end demo on the phantom
-#   make test   same bootstrap, then the test suite
+#   make test   same bootstrap, then ruff and the whole test suite (what CI runs)
+#   make test-fast  the same without the tests marked slow (multi-process, end-to-end or
+#               over a few seconds): the inner loop, under 3 minutes on 2 cores
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test test-fast install install-test lint clean
 
 $(VENV)/.base-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,10 @@ demo: install
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check .

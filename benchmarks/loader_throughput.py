@@ -61,7 +61,7 @@ from data_prep.shard_reader import iterate_shards, shard_paths
 from pretrain.augment import augment_view
 from pretrain.config import AugmentConfig, ViewConfig
 from pretrain.dali_loader import DaliNotInstalledError, build_dali_loader
-from pretrain.data import Stretch, build_loader, epoch_length
+from pretrain.data import Stretch, build_loader, pretrain_epoch_samples
 
 ViewPair = tuple[torch.Tensor, torch.Tensor]
 CONSUMPTION_TARGET = 1.3  # the design's loader / model-consumption target
@@ -192,7 +192,7 @@ def webdataset_pairs(data: Path, augment: AugmentConfig, args: argparse.Namespac
                           stretch=Stretch(world_size=1, micro_batch=args.batch, workers=workers,
                                           block=args.shuffle_buffer, batches=batches),
                           epoch_samples=samples,
-                          resampled=samples > epoch_length(str(data), 0),
+                          resampled=samples > pretrain_epoch_samples(str(data), 0),
                           pin_memory=device.type == "cuda")
     for step, images in enumerate(loader):
         images = images.to(device, non_blocking=True)

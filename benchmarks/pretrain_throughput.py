@@ -53,7 +53,7 @@ from pretrain.config import (
     ProbeConfig,
     RunConfig,
 )
-from pretrain.data import Stretch, build_loader, epoch_length
+from pretrain.data import Stretch, build_loader, pretrain_epoch_samples
 from pretrain.model import build_model
 from pretrain.probe import SegmentationProbe
 from pretrain.step import autocast_for, ssl_step
@@ -75,7 +75,7 @@ def make_dataset(work: Path, image_size: int, patients: int) -> Path:
 def endless_batches(data: Path, batch: int, workers: int,
                     device: torch.device) -> Iterator[torch.Tensor]:
     """The engine's loader, epoch after epoch (a new loader per epoch, as in training)."""
-    steps = epoch_length(str(data), 0) // batch
+    steps = pretrain_epoch_samples(str(data), 0) // batch
     for epoch in itertools.count():
         yield from build_loader(
             str(data), seed=0, epoch=epoch, rank=0, pin_memory=device.type == "cuda",

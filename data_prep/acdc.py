@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import DataError
 from data_prep.nifti import (
-    DataError,
     check_labels,
     load_nifti,
     voxel_spacing,

@@ -21,8 +21,8 @@ import zarr
 from cluster.atomic import atomic_path, atomic_write_text
 from cluster.config import to_dict
 from data_prep.convert import LABELED, PRETRAIN
+from data_prep.errors import DataError
 from data_prep.manifest import Manifest
-from data_prep.nifti import DataError
 from data_prep.orientation import OBLIQUE_DEGREES
 from data_prep.pool import run_jobs
 from data_prep.prepare_config import PrepareConfig

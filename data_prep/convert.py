@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data_prep.checksums import sha256_file
-from data_prep.nifti import DataError
+from data_prep.errors import DataError
 from data_prep.normalize import (
     NormParams,
     ct_window_params,

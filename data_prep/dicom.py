@@ -45,7 +45,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from data_prep import dicom_seg
-from data_prep.nifti import DataError
+from data_prep.dicom_series import SeriesInfo, series_label
+from data_prep.errors import DataError
 from data_prep.sources import SourcePatient
 from data_prep.volume import Volume
 
@@ -80,36 +81,6 @@ class InstanceHeader:
     frames: int
     photometric: str
     samples_per_pixel: int
-
-
-@dataclass(frozen=True)
-class SeriesInfo:
-    """One image series with its slices in position order; geometry already checked."""
-
-    uid: str
-    patient_id: str
-    patient: str  # sanitised PatientID: the patient's name in the dataset
-    name: str  # unique volume id, no dots
-    modality: str
-    folder: Path
-    files: tuple[Path, ...]  # slice order
-    sop_uids: tuple[str, ...]  # slice order
-    positions: tuple[tuple[float, ...], ...] | None  # slice order; None: no geometry
-    orientation: tuple[float, ...] | None
-    rows: int
-    columns: int
-    spacing: tuple[float, float, float]  # (x, y, slice) in mm
-    series_number: int | None
-    description: str
-
-    @property
-    def label(self) -> str:
-        return series_label(self.folder, self.series_number, self.uid)
-
-
-def series_label(folder: Path, number: int | None, uid: str) -> str:
-    """How errors name a series: its folder, then its number (or UID)."""
-    return f"{folder}: series {number if number is not None else uid}"
 
 
 # -- discovery ---------------------------------------------------------------------------

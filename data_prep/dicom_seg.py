@@ -15,16 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from data_prep.nifti import DataError
-
-if TYPE_CHECKING:
-    from data_prep.dicom import SeriesInfo
+from data_prep.dicom_series import SeriesInfo
+from data_prep.errors import DataError
 
 # Segmentation Storage and Label Map Segmentation Storage
 SEG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile
 
-from data_prep.nifti import DataError
+from data_prep.errors import DataError
 from data_prep.sources import SourcePatient
 from data_prep.volume import Volume
 

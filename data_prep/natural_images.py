@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import DataError
 from data_prep.image_folder import (
     list_image_files,
     load_pillow_image,
     unique_volume_names,
     volume_name,
 )
-from data_prep.nifti import DataError
 from data_prep.sources import SourcePatient
 from data_prep.volume import Volume
 

@@ -9,9 +9,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes
 
-
-class DataError(ValueError):
-    """A source file is missing, corrupt or inconsistent; the message names it."""
+from data_prep.errors import DataError
 
 
 class NiftiData(NamedTuple):

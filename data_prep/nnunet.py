@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import DataError
 from data_prep.nifti import (
-    DataError,
     check_labels,
     load_nifti,
     voxel_spacing,

@@ -62,7 +62,7 @@ def nested_patient_subset(patients: np.ndarray, budget: int, seed: int,
     return np.flatnonzero(np.isin(patients, chosen))
 
 
-def epoch_length(subset_size: int, epoch_samples: int) -> int:
+def finetune_epoch_samples(subset_size: int, epoch_samples: int) -> int:
     """Samples in one epoch: ``epoch_samples`` when the subset is smaller (oversampling),
     otherwise the subset itself, so that every selected slice is seen each epoch.
 
@@ -76,12 +76,12 @@ def epoch_length(subset_size: int, epoch_samples: int) -> int:
 
 
 def epoch_indices(subset: np.ndarray, epoch_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """One epoch's sample order: ``subset`` shuffled, tiled to ``epoch_length`` samples.
+    """One epoch's sample order: ``subset`` shuffled, tiled to ``finetune_epoch_samples`` samples.
 
     Tiling whole permutations (rather than drawing with replacement) keeps every slice's
     count within one of every other's, so an oversampled small budget is not skewed.
     """
-    count = epoch_length(len(subset), epoch_samples)
+    count = finetune_epoch_samples(len(subset), epoch_samples)
     repeats = -(-count // len(subset))
     order = np.concatenate([rng.permutation(subset) for _ in range(repeats)])
     return order[:count]

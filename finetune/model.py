@@ -78,7 +78,7 @@ def set_encoder_frozen(unet: smp.Unet, frozen: bool) -> None:
             module.train(unet.training and not frozen)
 
 
-def build_optimizer(parameters: Iterable[nn.Parameter], name: Literal["adam", "adamw"],
+def build_finetune_optimizer(parameters: Iterable[nn.Parameter], name: Literal["adam", "adamw"],
                     lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Adam (the reference study's, with L2-coupled decay) or AdamW (decoupled decay).
 

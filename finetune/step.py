@@ -17,7 +17,7 @@ from torch import nn
 from finetune.augment import SegAugmentConfig, augment_pair
 from finetune.config import FinetuneConfig
 from finetune.device_data import DeviceSlices
-from finetune.model import build_optimizer
+from finetune.model import build_finetune_optimizer
 
 
 @dataclass
@@ -58,7 +58,7 @@ def build_step(model: nn.Module, config: FinetuneConfig, device: torch.device) -
     """The step for ``model`` (already on ``device``) as ``config`` asks for it."""
     wanted = config.compile if config.compile is not None else device.type == "cuda"
     forward = torch.compile(model, dynamic=False) if wanted else model
-    optimizer = build_optimizer(model.parameters(), config.optimizer, config.lr,
+    optimizer = build_finetune_optimizer(model.parameters(), config.optimizer, config.lr,
                                 config.weight_decay)
     return FinetuneStep(model, forward, optimizer, loss_function(config.loss),  # type: ignore[arg-type]
                         config.augment, device, config.grad_clip_norm)

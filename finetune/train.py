@@ -21,7 +21,7 @@ from cluster.atomic import atomic_path, atomic_write_json
 from cluster.config import to_dict
 from cluster.run_dir import write_run_info
 from data_prep.manifest import Manifest
-from finetune.budgets import budget_subset, epoch_indices, epoch_length
+from finetune.budgets import budget_subset, epoch_indices, finetune_epoch_samples
 from finetune.config import FinetuneConfig
 from finetune.convergence import convergence_metrics
 from finetune.data import SliceSet, load_slices, require_whole_volumes, slice_patients
@@ -78,7 +78,7 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     forward, optimizer = train_step.forward, train_step.optimizer
     train_data, val_data = place_splits(train_set, val_set, device, config.device_data_gb)
 
-    samples = epoch_length(len(subset), config.epoch_samples)
+    samples = finetune_epoch_samples(len(subset), config.epoch_samples)
     steps_per_epoch = max(1, samples // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)

@@ -98,15 +98,26 @@ def crop_flip_theta(batch: int, view: ViewConfig, generator: torch.Generator,
     return crop_theta(width, height, angle, shift_x, shift_y, flip_x, flip_y, aspect)
 
 
+def mirror_indices(length: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices of a side of ``length`` padded by ``radius`` on both ends with mirrored borders
+    that do not repeat the edge pixel, mirrored again as often as a kernel wider than the
+    image needs (as DALI pads; ``F.pad(mode="reflect")`` only allows radius < length)."""
+    index = torch.arange(-radius, length + radius, device=device)
+    if length == 1:
+        return torch.zeros_like(index)
+    period = 2 * (length - 1)
+    index = index.abs() % period
+    return torch.where(index < length, index, period - index)
+
+
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with per-sample ``sigma`` (B,) in pixels.
 
     As DALI's ``fn.gaussian_blur``: a normalised kernel of radius ceil(3 sigma) and mirrored
-    borders that do not repeat the edge pixel. ``radius`` caps the kernel for the whole
-    batch (from the config, so no device sync) and is itself capped by the image size.
+    borders that do not repeat the edge pixel, also for a kernel wider than the image.
+    ``radius`` caps the kernel for the whole batch (from the config, so no device sync).
     """
     batch, chans, height, width = images.shape
-    radius = min(radius, height - 1, width - 1)
     if radius < 1:
         return images
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
@@ -116,9 +127,9 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(chans, dim=0)
     # One group per (sample, channel): each gets its own kernel in a single conv call.
     out = images.reshape(1, batch * chans, height, width)
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"),
+    out = F.conv2d(out.index_select(3, mirror_indices(width, radius, images.device)),
                    weights.view(batch * chans, 1, 1, -1), groups=batch * chans)
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"),
+    out = F.conv2d(out.index_select(2, mirror_indices(height, radius, images.device)),
                    weights.view(batch * chans, 1, -1, 1), groups=batch * chans)
     return out.view(batch, chans, height, width)
 

@@ -8,7 +8,6 @@ sharded across ranks (ZeRO 1 and 2), each rank then saving its own shard.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,9 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cluster.distributed import DistInfo
 from pretrain.methods import SSLMethod
-from pretrain.step import accumulated_step
-
-ViewPairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
+from pretrain.step import ViewPairs, accumulated_step
 
 
 class Backend(Protocol):

@@ -21,10 +21,10 @@ from data_prep.manifest import Manifest
 from data_prep.shard_reader import IndexedShards
 from pretrain.epoch_plan import Stretch, epoch_order, reader_positions, unread_positions
 
-__all__ = ["Stretch", "build_loader", "epoch_length"]
+__all__ = ["Stretch", "build_loader", "pretrain_epoch_samples"]
 
 
-def epoch_length(data_path: str, requested: int, resampled: bool = False) -> int:
+def pretrain_epoch_samples(data_path: str, requested: int, resampled: bool = False) -> int:
     """Samples per epoch: the configured number, else the shards' slice count."""
     available = int(Manifest.read(data_path).counts["pretrain_slices"])
     if requested <= 0:
@@ -72,7 +72,7 @@ def build_loader(data_path: str, *, seed: int, epoch: int, rank: int, stretch: S
     stretch.done`` tensors (micro_batch, C, H, W) float32, the samples no earlier stretch of
     the epoch (``history``) delivered."""
     shards = IndexedShards(data_path)
-    length = epoch_length(data_path, epoch_samples, resampled)
+    length = pretrain_epoch_samples(data_path, epoch_samples, resampled)
     order = epoch_order(shards.counts, seed=seed, epoch=epoch, length=length,
                         resampled=resampled)
     unread = unread_positions(length, history, seed=seed, epoch=epoch)

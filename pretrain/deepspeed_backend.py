@@ -19,11 +19,10 @@ import torch
 from cluster.atomic import atomic_path
 from cluster.deepspeed_presets import deepspeed_config
 from cluster.distributed import DistInfo
-from pretrain.backends import ViewPairs
 from pretrain.checkpoint import shard_name
 from pretrain.methods import SSLMethod
 from pretrain.optim import LARS
-from pretrain.step import over_micro_batches, uses_bf16
+from pretrain.step import ViewPairs, over_micro_batches, uses_bf16
 
 # Entries of a ZeRO optimizer state that are Python objects, not tensors: the loss scaler
 # (static 1.0 without fp16; the engine keeps its own when the entry is absent), and the

@@ -29,12 +29,12 @@ from pretrain.checkpoint import (
     shard_folder_name,
 )
 from pretrain.config import PretrainConfig
-from pretrain.data import epoch_length
+from pretrain.data import pretrain_epoch_samples
 from pretrain.epoch_loader import STRETCHES_KEY, EpochReading, open_epoch
 from pretrain.export import EXPORT_DIR, export_backbone
 from pretrain.methods import SSLMethod
 from pretrain.model import build_model
-from pretrain.optim import build_optimizer
+from pretrain.optim import build_pretrain_optimizer
 from pretrain.probe import SegmentationProbe, check_probe_data
 from pretrain.probe_log import PROBE_FILE, ProbeLog, probe_summary, read_probe_log
 from pretrain.schedules import ema_momentum, warmup_cosine
@@ -72,11 +72,11 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     run_dir = Path(config.run.out)
     device = dist.device
-    plan = plan_batches(config, dist.world_size, epoch_length(
+    plan = plan_batches(config, dist.world_size, pretrain_epoch_samples(
         config.data.path, config.data.epoch_samples, config.data.resampled))
-    spe, accum = plan.steps_per_epoch, plan.grad_accum
-    total_steps = spe * config.optim.epochs
-    warmup_steps = int(config.optim.warmup_epochs * spe)
+    steps_per_epoch, accum = plan.steps_per_epoch, plan.grad_accum
+    total_steps = steps_per_epoch * config.optim.epochs
+    warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
 
     torch.manual_seed(config.run.seed + dist.rank)
     checkpoint = load_latest(run_dir)
@@ -84,7 +84,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     if dist.distributed and config.run.sync_batchnorm:
         # BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, ours elsewhere
         model = convert_sync_batchnorm(model, device.type)
-    optimizer = build_optimizer(config.optim.name, model, lr=plan.peak_lr,
+    optimizer = build_pretrain_optimizer(config.optim.name, model, lr=plan.peak_lr,
                                 weight_decay=config.optim.weight_decay,
                                 momentum=config.optim.momentum, eta=config.optim.eta,
                                 trust_ratio=config.optim.trust_ratio,
@@ -109,7 +109,8 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                   f"{min(start_epoch + 1, config.optim.epochs)} of {config.optim.epochs}, "
                   f"step {step} of {total_steps}", flush=True)
     method = backend.method
-    probe = _LiveProbe(config, dist, run_dir, spe, method) if config.probe.enabled else None
+    probe = (_LiveProbe(config, dist, run_dir, steps_per_epoch, method)
+             if config.probe.enabled else None)
 
     writer = None
     if dist.is_main:
@@ -118,10 +119,12 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             "micro_batch_per_rank": plan.micro_batch, "grad_accum": accum,
             "peak_lr": plan.peak_lr, "resumed_at_step": step})
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-    bar = tqdm(total=total_steps, initial=start_epoch * spe + first_step, desc="pretrain",
-               unit="step", disable=not (dist.is_main and config.run.progress))
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + first_step,
+               desc="pretrain", unit="step",
+               disable=not (dist.is_main and config.run.progress))
     loss_value = float("nan")
-    pending: tuple[torch.Tensor, int] | None = None  # checked one step late: no host sync
+    # the last step's loss and step, checked one step late: no host sync
+    unchecked_loss: tuple[torch.Tensor, int] | None = None
     last_log, steps_since_log = time.perf_counter(), 0
     launch_step = step
 
@@ -139,10 +142,10 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
 
     def checkpoint_now(epoch_done: int, steps_done: int) -> None:
         """Save the full state; never one whose last loss was not finite."""
-        nonlocal pending, loss_value
-        if pending is not None:
-            loss_value = check_finite(*pending, dist.rank)
-            pending = None
+        nonlocal unchecked_loss, loss_value
+        if unchecked_loss is not None:
+            loss_value = check_finite(*unchecked_loss, dist.rank)
+            unchecked_loss = None
         rng = gather_rng(dist)
         shards = None
         if backend.sharded_optimizer:
@@ -172,15 +175,15 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         reading = open_epoch(config, plan, dist, epoch, first,
                              saved_stretches if epoch == start_epoch else [])
         views = _ViewSource(reading.batches, config, dist)
-        for index in range(first, spe):
+        for index in range(first, steps_per_epoch):
             # The schedules run on epoch progress, which survives a change of world size.
-            progress = epoch * spe + index
+            progress = epoch * steps_per_epoch + index
             lr = warmup_cosine(progress, total_steps, warmup_steps, plan.peak_lr)
             momentum = ema_momentum(progress, total_steps, config.method.tau_base)
             loss = backend.step(views.pairs(step, accum), accum, lr=lr, momentum=momentum)
-            if pending is not None:
-                check_finite(*pending, dist.rank)
-            pending = (loss, step)
+            if unchecked_loss is not None:
+                check_finite(*unchecked_loss, dist.rank)
+            unchecked_loss = (loss, step)
             step += 1
             steps_since_log += 1
             bar.update(1)
@@ -188,16 +191,17 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 _log_view_pairs(writer, *views.last, step)
             # Logged before a checkpoint, whose flush then makes the step's scalars durable.
             if step % config.run.log_every == 0 or step == 1:
-                if pending is not None:
-                    loss_value = check_finite(*pending, dist.rank)
-                    pending = None  # just checked
+                if unchecked_loss is not None:
+                    loss_value = check_finite(*unchecked_loss, dist.rank)
+                    unchecked_loss = None  # just checked
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
                 if writer is not None:
                     elapsed = time.perf_counter() - last_log
                     views_per_s = 2 * plan.global_batch * steps_since_log / elapsed
                     writer.add_scalar("train/loss", loss_value, step)
                     writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/epoch", progress / spe, step)  # at the step's start
+                    # the epoch at the step's start
+                    writer.add_scalar("train/epoch", progress / steps_per_epoch, step)
                     if method.uses_momentum:
                         writer.add_scalar("train/tau", momentum, step)
                     writer.add_scalar("perf/views_per_s", views_per_s, step)
@@ -208,19 +212,19 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                 last_log, steps_since_log = time.perf_counter(), 0
                 views.wait_s = 0.0
             every = config.run.checkpoint_every
-            if every and step % every == 0 and index + 1 < spe:
+            if every and step % every == 0 and index + 1 < steps_per_epoch:
                 checkpoint_now(epoch, index + 1)
-            if index + 1 < spe:
+            if index + 1 < steps_per_epoch:
                 probe_at(step, epoch_end=False)
         del views
         reading = None
-        if pending is not None:
-            loss_value = check_finite(*pending, dist.rank)
+        if unchecked_loss is not None:
+            loss_value = check_finite(*unchecked_loss, dist.rank)
         checkpoint_now(epoch + 1, 0)
         probe_at(step, epoch_end=True)
         if dist.is_main and not config.run.progress:  # without bars, one line per epoch
             seconds = time.perf_counter() - epoch_started
-            trained = spe - (first_step if epoch == start_epoch else 0)
+            trained = steps_per_epoch - (first_step if epoch == start_epoch else 0)
             print(f"epoch {epoch + 1} of {config.optim.epochs}: loss {loss_value:.4f}, "
                   f"{2 * plan.global_batch * trained / seconds:.1f} views/s, "
                   f"{seconds:.1f} s", flush=True)

@@ -260,7 +260,7 @@ def _clip_to_lr(trust: torch.Tensor, lr: float) -> torch.Tensor:
     return torch.clamp(trust / lr, max=1.0)
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+def build_pretrain_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                     momentum: float = 0.9, eta: float = 1e-3, trust_ratio: str = "update",
                     clip_lr: bool = False) -> Optimizer:
     """The pretraining optimizer ``name`` ("lars" or "adamw") over ``parameter_groups``.

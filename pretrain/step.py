@@ -11,6 +11,9 @@ from torch import nn
 
 from pretrain.methods.base import SSLMethod
 
+# The micro batches of one optimizer step, each a pair of augmented views.
+ViewPairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; no checkpoint is written from that state."""

@@ -65,6 +65,7 @@ def small_pretrain_config(data: Path, out: Path, **run: object) -> PretrainConfi
 
 @pytest.fixture(scope="session")
 def pretrain_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real pretraining run (seconds to tens of seconds): tests using it are slow."""
     from pretrain.engine import pretrain
 
     out = tmp_path_factory.mktemp("pretrain") / "run"

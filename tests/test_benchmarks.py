@@ -15,6 +15,7 @@ STAGES = ["prepare", "loader", "pretrain_resnet50", "pretrain_vit", "packing", "
           "sweep", "scaling"]
 
 
+@pytest.mark.slow
 def test_every_benchmark_runs_at_tiny_sizes_and_is_recorded(tmp_path: Path) -> None:
     results, markdown = tmp_path / "suite.json", tmp_path / "RESULTS.md"
     done = subprocess.run(

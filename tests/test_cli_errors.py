@@ -56,16 +56,19 @@ def test_prepare_without_dataset_json(phantom_root: Path, tmp_path: Path) -> Non
                          str(tmp_path / "out"), "format=nnunet"), "dataset.json")
 
 
+@pytest.mark.slow
 def test_verify_on_a_folder_that_is_not_a_prepared_dataset(tmp_path: Path) -> None:
     _one_error_line(_run("data_prep", "verify", str(tmp_path)), "not a prepared dataset")
 
 
+@pytest.mark.slow
 def test_pretrain_on_a_missing_dataset(tmp_path: Path) -> None:
     _one_error_line(_run("pretrain", f"data.path={tmp_path / 'missing'}",
                          f"run.out={tmp_path / 'run'}", "run.device=cpu"),
                     "is not a prepared dataset")
 
 
+@pytest.mark.slow
 def test_finetune_train_on_a_missing_dataset(tmp_path: Path) -> None:
     _one_error_line(_run("finetune", "train", "--data", str(tmp_path / "missing"), "--out",
                          str(tmp_path / "run"), "device=cpu"), str(tmp_path / "missing"))
@@ -76,6 +79,7 @@ def test_finetune_report_on_a_folder_without_finished_runs(tmp_path: Path) -> No
     _one_error_line(_run("finetune", "report", str(tmp_path / "runs")), "no complete")
 
 
+@pytest.mark.slow
 def test_sweep_with_an_unknown_key_stops_before_ray_starts(tmp_path: Path) -> None:
     config = tmp_path / "sweep.yaml"
     config.write_text(f"name: s\nstorage: {tmp_path}\ndata: {tmp_path}\n"
@@ -91,6 +95,7 @@ def test_cluster_recipe_with_a_bad_wall_time() -> None:
                          "90 minutes"), "HH:MM:SS")
 
 
+@pytest.mark.slow
 def test_medssl_console_script_and_the_debug_environment_variable(tmp_path: Path) -> None:
     command = ("finetune.console", "pretrain", f"data.path={tmp_path / 'missing'}",
                f"run.out={tmp_path / 'run'}", "run.device=cpu")

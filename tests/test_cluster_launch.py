@@ -224,6 +224,7 @@ DEEPSPEED_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                     reason="DeepSpeed is not installed")
 def test_deepspeed_presets_parse_with_deepspeed() -> None:

@@ -99,6 +99,7 @@ def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path:
         torch.testing.assert_close(_backbone(resumed)[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_process_zero1_run_and_the_settings_a_resume_must_keep(prepared: Path,
                                                                    tmp_path: Path) -> None:
     """A plain `python -m pretrain` (a world of one) runs under DeepSpeed too; its sharded
@@ -130,12 +131,12 @@ def test_lars_is_refused_where_zero_flattens_its_layers() -> None:
     from pretrain.config import MethodConfig
     from pretrain.deepspeed_backend import DeepSpeedBackend
     from pretrain.methods import build_method
-    from pretrain.optim import build_optimizer
+    from pretrain.optim import build_pretrain_optimizer
     from pretrain.weights import create_encoder
 
     method = build_method(MethodConfig(projector_hidden=16, projection_dim=8),
                           create_encoder("resnet18", 1))
-    lars = build_optimizer("lars", method, lr=0.1, weight_decay=1e-6, momentum=0.9,
+    lars = build_pretrain_optimizer("lars", method, lr=0.1, weight_decay=1e-6, momentum=0.9,
                            eta=1e-3)
     with pytest.raises(ValueError, match=r"use run\.zero_stage=0 or optim\.name=adamw"):
         DeepSpeedBackend(method, lars, DistInfo(0, 1, 0, torch.device("cpu")),

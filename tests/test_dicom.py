@@ -22,7 +22,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from data_prep.dicom import DicomSource
-from data_prep.nifti import DataError
+from data_prep.errors import DataError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # normal = row x column = (-1, 0, 0)

@@ -22,6 +22,8 @@ from tests.launching import free_port, torchrun, worker_env
 # other mode for one method of each kind: per-view statistics stay global across ranks.
 METHODS = ["byol", "simclr", "barlow_twins", "vicreg", "byol:joint", "simclr:separate"]
 BATCH = 8
+# all tests share one torchrun launch of two ranks
+pytestmark = pytest.mark.slow
 
 
 def build(spec: str) -> SSLMethod:

@@ -48,6 +48,7 @@ def test_export_of_last_checkpoint_reproduces_the_run_end_export(
     assert meta_end["data"]["name"] == "phantom"
 
 
+@pytest.mark.slow
 def test_kept_checkpoint_export_loads_into_timm_with_identical_outputs(vit_run: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pretrain", "export", "--run", str(vit_run),

@@ -17,6 +17,8 @@ from finetune.outputs import EPOCHS_FILE, ROW_FILE
 from finetune.train import LAST_CHECKPOINT, train_run
 
 REPO = Path(__file__).resolve().parents[1]
+# every test here fine-tunes for real (tens of seconds each on 2 cores)
+pytestmark = pytest.mark.slow
 
 
 def small_config(prepared: Path, out: Path, **overrides: object) -> FinetuneConfig:

@@ -19,12 +19,12 @@ from finetune.budgets import (
     REFERENCE_SLICE_BUDGETS,
     budget_subset,
     epoch_indices,
-    epoch_length,
+    finetune_epoch_samples,
 )
 from finetune.config import FinetuneConfig
 from finetune.data import load_slices, open_split, require_whole_volumes, slice_patients
 from finetune.model import (
-    build_optimizer,
+    build_finetune_optimizer,
     build_unet,
     initialise_encoder,
     set_encoder_frozen,
@@ -100,6 +100,7 @@ def test_budget_zero_is_the_whole_split() -> None:
                                       np.arange(len(patients)))
 
 
+@pytest.mark.slow
 def test_budgets_come_from_the_train_split_only(prepared: Path) -> None:
     manifest = Manifest.read(prepared)
     train = slice_patients(prepared, "train")
@@ -150,13 +151,13 @@ def test_oversampled_epochs_have_equal_length_across_budgets() -> None:
     for budget in REFERENCE_SLICE_BUDGETS:
         subset = budget_subset(patients, budget, "slices", 0)
         order = epoch_indices(subset, epoch_samples, np.random.default_rng(budget))
-        assert len(order) == epoch_length(len(subset), epoch_samples) == epoch_samples
+        assert len(order) == finetune_epoch_samples(len(subset), epoch_samples) == epoch_samples
         counts = np.unique(order, return_counts=True)[1]
         assert set(np.unique(order).tolist()) == set(subset.tolist())
         assert counts.max() - counts.min() <= 1, budget  # tiled, not skewed
     # without oversampling an epoch is the subset itself; a larger budget is not cut
     assert len(epoch_indices(np.arange(15), 0, np.random.default_rng(0))) == 15
-    assert epoch_length(2000, epoch_samples) == 2000
+    assert finetune_epoch_samples(2000, epoch_samples) == 2000
 
 
 # --- loading slices -----------------------------------------------------------------------
@@ -263,6 +264,7 @@ def test_local_timm_named_imagenet_file(tmp_path: Path, fmt: str) -> None:
     assert chain[0]["source"] == str(path.resolve())
 
 
+@pytest.mark.slow
 def test_unet_encoder_gets_the_exported_weights(pretrain_run: Path) -> None:
     exported = safetensors.torch.load_file(str(pretrain_run / "export" / "backbone.safetensors"))
     for init in (pretrain_run / "export", pretrain_run):  # export folder, or its run folder
@@ -284,6 +286,7 @@ def _hierarchical_run(prepared: Path, out: Path, init: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_hierarchical_chain_imagenet_then_export_then_checkpoint(
         prepared: Path, hub_cache: HubCache, tmp_path: Path) -> None:
     hub_cache("resnet18")
@@ -312,6 +315,7 @@ def test_hierarchical_chain_imagenet_then_export_then_checkpoint(
     assert chain[0]["epochs"] == 1 and chain[0]["method"] == "byol"
 
 
+@pytest.mark.slow
 def test_a_chain_through_a_moved_export_is_marked_unresolved(pretrain_run: Path,
                                                              tmp_path: Path) -> None:
     export = tmp_path / "export"
@@ -337,6 +341,7 @@ def _expect_mismatch(unet: torch.nn.Module, arch: str, init: Path, *patterns: st
         assert torch.equal(value, before[key]), key  # no partial load
 
 
+@pytest.mark.slow
 def test_incompatible_encoders_fail_listing_the_keys(pretrain_run: Path, tmp_path: Path) -> None:
     export = pretrain_run / "export"
     # another architecture (the export says resnet18): names it and lists the keys
@@ -363,6 +368,7 @@ def test_incompatible_encoders_fail_listing_the_keys(pretrain_run: Path, tmp_pat
                      "unexpected keys: layer1.2.")
 
 
+@pytest.mark.slow
 def test_an_export_for_other_input_channels_fails_naming_the_stem(pretrain_run: Path,
                                                                   tmp_path: Path) -> None:
     export = tmp_path / "rgb_export"
@@ -391,7 +397,7 @@ def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(prepared: Path) -
     torch.manual_seed(0)
     batch = load_slices(prepared, "train", np.arange(8))
     unet = build_unet("resnet18", 1, 4)
-    optimizer = build_optimizer(unet.parameters(), "adam", 1e-2, 0.0)
+    optimizer = build_finetune_optimizer(unet.parameters(), "adam", 1e-2, 0.0)
     unet.train()
     set_encoder_frozen(unet, True)
     assert not any(p.requires_grad for p in unet.encoder.parameters())
@@ -416,12 +422,12 @@ def test_frozen_encoder_keeps_weights_and_batchnorm_statistics(prepared: Path) -
 
 def test_optimizer_choice() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert type(build_optimizer(params, "adam", 1e-4, 0.0)) is torch.optim.Adam
-    adamw = build_optimizer(params, "adamw", 1e-3, 0.05)
+    assert type(build_finetune_optimizer(params, "adam", 1e-4, 0.0)) is torch.optim.Adam
+    adamw = build_finetune_optimizer(params, "adamw", 1e-3, 0.05)
     assert type(adamw) is torch.optim.AdamW
     assert adamw.param_groups[0]["weight_decay"] == 0.05
     with pytest.raises(ValueError, match="optimizer must be 'adam' or 'adamw'"):
-        build_optimizer(params, "sgd", 1e-3, 0.0)  # type: ignore[arg-type]
+        build_finetune_optimizer(params, "sgd", 1e-3, 0.0)  # type: ignore[arg-type]
 
 
 def test_config_keys_for_budgets_init_freezing_and_optimizer() -> None:

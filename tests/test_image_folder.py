@@ -17,9 +17,9 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile
 
+from data_prep.errors import DataError
 from data_prep.image_folder import ImageFolderSource
 from data_prep.natural_images import NaturalImageSource
-from data_prep.nifti import DataError
 
 RNG = np.random.default_rng(0)
 

@@ -16,7 +16,7 @@ from cluster.distributed import DistInfo
 from data_prep.manifest import Manifest
 from data_prep.shard_reader import IndexedShards, iterate_shards, shard_paths
 from pretrain.batching import plan_batches
-from pretrain.data import Stretch, build_loader, epoch_length
+from pretrain.data import Stretch, build_loader, pretrain_epoch_samples
 from pretrain.epoch_loader import open_epoch
 from pretrain.epoch_plan import epoch_order, unread_positions
 from tests.conftest import small_pretrain_config
@@ -138,8 +138,8 @@ def test_resampled_epochs_have_a_fixed_length(prepared: Path,
                                               sample_of: dict[str, int]) -> None:
     length = 2 * len(sample_of) + 10  # longer than the dataset: shards are drawn again
     with pytest.raises(ValueError, match=r"data\.resampled"):
-        epoch_length(str(prepared), length)
-    assert epoch_length(str(prepared), length, resampled=True) == length
+        pretrain_epoch_samples(str(prepared), length)
+    assert pretrain_epoch_samples(str(prepared), length, resampled=True) == length
     stretch = Stretch(world_size=2, micro_batch=8, workers=2, block=16,
                       batches=length // 16)
     ranks = [delivered(prepared, sample_of, stretch, rank, epoch_samples=length,

@@ -338,6 +338,7 @@ def single_process() -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
     return {name: _loss_and_grads(layer, fn, x1, x2) for name, fn in LOSSES.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_gather_with_grad_on_two_ranks(rank_results: list[dict[str, torch.Tensor]]) -> None:
     weights = torch.arange(WORLD_SIZE * 6, dtype=torch.float32).view(WORLD_SIZE * 2, 3)
@@ -350,6 +351,7 @@ def test_gather_with_grad_on_two_ranks(rank_results: list[dict[str, torch.Tensor
                                    WORLD_SIZE * weights[2 * r:2 * r + 2])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_rank_values_and_averaged_gradients_match_single_process(
@@ -366,6 +368,7 @@ def test_rank_values_and_averaged_gradients_match_single_process(
             torch.testing.assert_close(results[f"{name}/grad{i}"], grad, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("key", [f"{wrap}/{name}" for wrap in ("ddp", "ddp_forward")
                                  for name in GATHERED])

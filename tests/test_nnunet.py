@@ -12,8 +12,8 @@ import pytest
 from nibabel.testing import data_path as nibabel_data
 
 from data_prep.acdc import discover_patients
+from data_prep.errors import DataError
 from data_prep.manifest import Manifest
-from data_prep.nifti import DataError
 from data_prep.normalize import (
     NormParams,
     apply_norm,

@@ -12,7 +12,7 @@ from torch import nn
 
 from pretrain.optim import (
     LARS,
-    build_optimizer,
+    build_pretrain_optimizer,
     is_norm_layer,
     parameter_groups,
     scaled_lr,
@@ -429,7 +429,7 @@ def test_state_dict_round_trip_resumes_identically(name: str) -> None:
     model = _tiny_net()
     variant = {"trust_ratio": "paper", "clip_lr": True} if name == "lars-paper-clip" else {}
     name = name.split("-")[0]
-    optimizer = build_optimizer(name, model, lr=0.5 if name == "lars" else 1e-2,
+    optimizer = build_pretrain_optimizer(name, model, lr=0.5 if name == "lars" else 1e-2,
                                 weight_decay=1e-2, eta=0.02, **variant)  # type: ignore[arg-type]
     _train(model, optimizer, batches[:4])
     buffer = io.BytesIO()
@@ -440,7 +440,7 @@ def test_state_dict_round_trip_resumes_identically(name: str) -> None:
     saved = torch.load(buffer, weights_only=True)  # checkpoints are loaded weights-only
     resumed = _tiny_net(seed=1)
     resumed.load_state_dict(saved["model"])
-    resumed_optimizer = build_optimizer(name, resumed, lr=123.0, weight_decay=0.0)
+    resumed_optimizer = build_pretrain_optimizer(name, resumed, lr=123.0, weight_decay=0.0)
     resumed_optimizer.load_state_dict(saved["optimizer"])  # restores lr, decay, buffers
     assert [g["name"] for g in resumed_optimizer.param_groups] == ["decay", "no_decay"]
     if variant:  # the variant's settings are group settings, restored with the rest
@@ -453,7 +453,7 @@ def test_state_dict_round_trip_resumes_identically(name: str) -> None:
 
 def test_adamw_decays_only_the_decay_group() -> None:
     model = _tiny_net()
-    optimizer = build_optimizer("adamw", model, lr=0.1, weight_decay=0.5)
+    optimizer = build_pretrain_optimizer("adamw", model, lr=0.1, weight_decay=0.5)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
     assert all("lars_adapt" not in g for g in optimizer.param_groups)
@@ -473,7 +473,7 @@ def test_adamw_decays_only_the_decay_group() -> None:
 def test_lars_reduces_a_simple_loss() -> None:
     batches = _batches(40, seed=3)
     model = _tiny_net(seed=3)
-    optimizer = build_optimizer("lars", model, lr=0.2, weight_decay=1e-4, eta=0.02)
+    optimizer = build_pretrain_optimizer("lars", model, lr=0.2, weight_decay=1e-4, eta=0.02)
     assert isinstance(optimizer, LARS)
     assert [g["lars_adapt"] for g in optimizer.param_groups] == [True, False]
     losses = _train(model, optimizer, batches)
@@ -483,7 +483,7 @@ def test_lars_reduces_a_simple_loss() -> None:
 
 def test_build_optimizer_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match=r"optim\.name"):
-        build_optimizer("sgd", _tiny_net(), lr=0.1, weight_decay=0.0)
+        build_pretrain_optimizer("sgd", _tiny_net(), lr=0.1, weight_decay=0.0)
 
 
 def test_scaled_lr() -> None:
@@ -496,13 +496,13 @@ def test_scaled_lr() -> None:
 
 def test_lars_loads_a_state_dict_saved_before_the_variants() -> None:
     model = _tiny_net()
-    optimizer = build_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02)
+    optimizer = build_pretrain_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02)
     _train(model, optimizer, _batches(2))
     old = optimizer.state_dict()
     for group in old["param_groups"]:  # as a checkpoint from before the keys existed
         for key in ("trust_ratio", "clip_lr", "eps"):
             del group[key]
-    resumed = build_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02,
+    resumed = build_pretrain_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02,
                               trust_ratio="paper", clip_lr=True)
     resumed.load_state_dict(old)
     assert all(g["trust_ratio"] == "paper" and g["clip_lr"] and g["eps"] == 1e-8

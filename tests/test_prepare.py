@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from data_prep.acdc import discover_patients
+from data_prep.errors import DataError
 from data_prep.manifest import Manifest
-from data_prep.nifti import DataError
 from data_prep.prepare import PrepareConfig, prepare_dataset
 from data_prep.shard_reader import iterate_shards, shard_paths
 from data_prep.verify import verify_dataset
@@ -115,6 +115,7 @@ def test_slice_index_lists_every_slice(prepared: Path) -> None:
         assert indices == list(range(count))
 
 
+@pytest.mark.slow
 def test_verify_accepts_then_catches_corruption(prepared: Path, tmp_path: Path) -> None:
     assert verify_dataset(prepared) == []
     copy = tmp_path / "copy"

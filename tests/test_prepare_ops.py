@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from data_prep.errors import DataError
 from data_prep.manifest import Manifest
-from data_prep.nifti import DataError
 from data_prep.prepare import PrepareConfig, prepare_dataset
 from data_prep.shard_reader import iterate_shards, shard_paths
 from data_prep.staging import STAGING_DIR
@@ -89,6 +89,7 @@ def test_verify_against_the_source_notices_a_changed_file(phantom_root: Path,
     assert any("Info.cfg: source file missing" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_killed_prepare_resumes_without_redoing_finished_patients(
         phantom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     patients = list(range(3, 13))  # enough that a busy machine cannot stage all first
@@ -240,6 +241,7 @@ def test_inplane_resampling_to_a_target_spacing(phantom_root: Path, tmp_path: Pa
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["channels"] == 1
 
 
+@pytest.mark.slow
 def test_pool_workers_die_with_a_killed_prepare(phantom_root: Path, tmp_path: Path) -> None:
     import psutil
 

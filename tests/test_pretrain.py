@@ -22,6 +22,7 @@ from pretrain.weights import EncoderMismatchError, read_encoder_weights
 from tests.conftest import small_pretrain_config
 
 
+@pytest.mark.slow
 def test_export_loads_into_timm_with_identical_outputs(pretrain_run: Path) -> None:
     export = pretrain_run / "export"
     meta = json.loads((export / "backbone.json").read_text())
@@ -44,6 +45,7 @@ def test_export_loads_into_timm_with_identical_outputs(pretrain_run: Path) -> No
     assert not torch.equal(fresh.conv1.weight, encoder.conv1.weight)
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_training_scalars_and_views(pretrain_run: Path) -> None:
     events = EventAccumulator(str(pretrain_run / "tensorboard"))
     events.Reload()
@@ -61,6 +63,7 @@ def test_tensorboard_holds_training_scalars_and_views(pretrain_run: Path) -> Non
     assert (pretrain_run / "config.yaml").read_text().startswith("data:")
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_latest_checkpoint(prepared: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
@@ -96,6 +99,7 @@ def test_bad_config_key_fails_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_incompatible_init_fails_with_the_keys(prepared: Path, pretrain_run: Path,
                                                tmp_path: Path) -> None:
     config = small_pretrain_config(prepared, tmp_path / "r")
@@ -128,6 +132,7 @@ def test_augmentation_properties() -> None:
     assert not torch.allclose(a[0], a[2])  # each sample gets its own parameters
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_touching_the_checkpoint(prepared: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "run"

@@ -36,6 +36,7 @@ def _scalars(run: Path, tag: str) -> list[tuple[int, float]]:
         events.Tags()["scalars"] else []
 
 
+@pytest.mark.slow
 def test_probe_logs_its_curve_and_leaves_training_bit_identical(prepared: Path,
                                                                  tmp_path: Path) -> None:
     plain = pretrain(_config(prepared, tmp_path / "plain"))
@@ -71,6 +72,7 @@ def test_probe_logs_its_curve_and_leaves_training_bit_identical(prepared: Path,
         r["epoch"] for r in rows if r["dice"] >= 0.95 * best["dice"])
 
 
+@pytest.mark.slow
 def test_a_restarted_run_neither_repeats_nor_skips_a_probe(prepared: Path,
                                                           tmp_path: Path) -> None:
     out = tmp_path / "run"

@@ -23,6 +23,7 @@ def _raw(prepared: Path, storage: Path, **keys: object) -> dict:
             "inits": {"random": "random"}, "budgets": [4], "seeds": [0], **keys}
 
 
+@pytest.mark.slow
 def test_trials_use_the_grid_layout_and_absolute_paths(prepared: Path, pretrain_run: Path,
                                                        tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,6 +84,7 @@ def test_an_init_that_cannot_load_fails_with_the_loaders_message(
     assert "'inits.bad'" in error and "not a readable safetensors file" in error
 
 
+@pytest.mark.slow
 def test_an_epoch_series_names_the_missing_checkpoint(prepared: Path, pretrain_run: Path,
                                                       tmp_path: Path) -> None:
     config = load_sweep_config(_raw(prepared, tmp_path,

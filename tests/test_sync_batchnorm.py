@@ -227,6 +227,7 @@ def _load(out_dir: Path, name: str) -> list[dict[str, torch.Tensor]]:
             for rank in range(WORLD_SIZE)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_match_one_process_on_the_whole_batch(two_rank_results: Path,
                                                         name: str) -> None:
