@@ -76,7 +76,7 @@ def finetune_epoch_samples(subset_size: int, epoch_samples: int) -> int:
 
 
 def epoch_indices(subset: np.ndarray, epoch_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """One epoch's sample order: ``subset`` shuffled, tiled to ``finetune_epoch_samples`` samples.
+    """One epoch's sample order: ``subset`` shuffled, tiled to ``finetune_epoch_samples``.
 
     Tiling whole permutations (rather than drawing with replacement) keeps every slice's
     count within one of every other's, so an oversampled small budget is not skewed.

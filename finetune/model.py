@@ -78,8 +78,9 @@ def set_encoder_frozen(unet: smp.Unet, frozen: bool) -> None:
             module.train(unet.training and not frozen)
 
 
-def build_finetune_optimizer(parameters: Iterable[nn.Parameter], name: Literal["adam", "adamw"],
-                    lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_finetune_optimizer(parameters: Iterable[nn.Parameter],
+                             name: Literal["adam", "adamw"], lr: float,
+                             weight_decay: float) -> torch.optim.Optimizer:
     """Adam (the reference study's, with L2-coupled decay) or AdamW (decoupled decay).
 
     Pass all parameters, frozen ones included: while frozen they have no gradient and

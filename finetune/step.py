@@ -59,7 +59,7 @@ def build_step(model: nn.Module, config: FinetuneConfig, device: torch.device) -
     wanted = config.compile if config.compile is not None else device.type == "cuda"
     forward = torch.compile(model, dynamic=False) if wanted else model
     optimizer = build_finetune_optimizer(model.parameters(), config.optimizer, config.lr,
-                                config.weight_decay)
+                                         config.weight_decay)
     return FinetuneStep(model, forward, optimizer, loss_function(config.loss),  # type: ignore[arg-type]
                         config.augment, device, config.grad_clip_norm)
 

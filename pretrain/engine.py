@@ -85,10 +85,10 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
         # BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, ours elsewhere
         model = convert_sync_batchnorm(model, device.type)
     optimizer = build_pretrain_optimizer(config.optim.name, model, lr=plan.peak_lr,
-                                weight_decay=config.optim.weight_decay,
-                                momentum=config.optim.momentum, eta=config.optim.eta,
-                                trust_ratio=config.optim.trust_ratio,
-                                clip_lr=config.optim.clip_lr)
+                                         weight_decay=config.optim.weight_decay,
+                                         momentum=config.optim.momentum, eta=config.optim.eta,
+                                         trust_ratio=config.optim.trust_ratio,
+                                         clip_lr=config.optim.clip_lr)
     if checkpoint is not None:
         _check_resumable(checkpoint, config, run_dir)
         model.load_state_dict(checkpoint["model"])  # before any backend copies it

@@ -261,8 +261,8 @@ def _clip_to_lr(trust: torch.Tensor, lr: float) -> torch.Tensor:
 
 
 def build_pretrain_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
-                    momentum: float = 0.9, eta: float = 1e-3, trust_ratio: str = "update",
-                    clip_lr: bool = False) -> Optimizer:
+                             momentum: float = 0.9, eta: float = 1e-3, trust_ratio: str = "update",
+                             clip_lr: bool = False) -> Optimizer:
     """The pretraining optimizer ``name`` ("lars" or "adamw") over ``parameter_groups``.
 
     Both exclude biases and normalisation parameters from weight decay. ``momentum``,

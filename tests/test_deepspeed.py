@@ -137,7 +137,7 @@ def test_lars_is_refused_where_zero_flattens_its_layers() -> None:
     method = build_method(MethodConfig(projector_hidden=16, projection_dim=8),
                           create_encoder("resnet18", 1))
     lars = build_pretrain_optimizer("lars", method, lr=0.1, weight_decay=1e-6, momentum=0.9,
-                           eta=1e-3)
+                                    eta=1e-3)
     with pytest.raises(ValueError, match=r"use run\.zero_stage=0 or optim\.name=adamw"):
         DeepSpeedBackend(method, lars, DistInfo(0, 1, 0, torch.device("cpu")),
                          micro_batch=8, grad_accum=1, zero_stage=2, precision="fp32",

@@ -430,7 +430,7 @@ def test_state_dict_round_trip_resumes_identically(name: str) -> None:
     variant = {"trust_ratio": "paper", "clip_lr": True} if name == "lars-paper-clip" else {}
     name = name.split("-")[0]
     optimizer = build_pretrain_optimizer(name, model, lr=0.5 if name == "lars" else 1e-2,
-                                weight_decay=1e-2, eta=0.02, **variant)  # type: ignore[arg-type]
+                                         weight_decay=1e-2, eta=0.02, **variant)  # type: ignore[arg-type]
     _train(model, optimizer, batches[:4])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -503,7 +503,7 @@ def test_lars_loads_a_state_dict_saved_before_the_variants() -> None:
         for key in ("trust_ratio", "clip_lr", "eps"):
             del group[key]
     resumed = build_pretrain_optimizer("lars", model, lr=0.5, weight_decay=1e-2, eta=0.02,
-                              trust_ratio="paper", clip_lr=True)
+                                       trust_ratio="paper", clip_lr=True)
     resumed.load_state_dict(old)
     assert all(g["trust_ratio"] == "paper" and g["clip_lr"] and g["eps"] == 1e-8
                for g in resumed.param_groups)
