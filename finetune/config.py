@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_prep.label_budgets import BudgetUnit
 from finetune.augment import SegAugmentConfig
-from finetune.budgets import BudgetUnit
-from pretrain.config import check_timm_init, timm_weights_name
+from pretrain.encoder_init import EncoderInit
 
 
 @dataclass
@@ -94,12 +94,10 @@ class FinetuneConfig:
                              f"got {self.warmup_epochs}")
         if any(not 0 < t <= 1 for t in self.dice_targets):
             raise ValueError(f"dice_targets must lie in (0, 1], got {self.dice_targets}")
-        check_timm_init(self.init, self.arch)
+        self.encoder_init()  # refuses timm weights of another architecture now
 
-    def timm_weights(self) -> str | None:
-        """The timm model name ("arch" or "arch.tag") whose pretrained weights ``init``
-        asks for, if it asks for timm's."""
-        return timm_weights_name(self.init, self.arch)
+    def encoder_init(self) -> EncoderInit:
+        return EncoderInit.parse(self.init, self.arch, "init")
 
     @property
     def label(self) -> str:

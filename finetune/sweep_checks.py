@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from cluster.config import ConfigError
+from data_prep.label_budgets import budget_subset
+from data_prep.labeled_slices import slice_patients
 from data_prep.manifest import Manifest
-from finetune.budgets import budget_subset
-from finetune.data import slice_patients
 from finetune.model import build_unet, initialise_encoder
 from finetune.sweep_config import SweepConfig, base_config, expand_inits
+from pretrain.encoder_init import EncoderInit
 
 
 def check_sweep(config: SweepConfig) -> None:
@@ -39,7 +40,8 @@ def check_sweep(config: SweepConfig) -> None:
     for spec in expand_inits(config):
         unet = build_unet(base.arch, 1, manifest.num_classes)
         try:
-            initialise_encoder(unet, base.arch, 1, spec.init)
+            init = EncoderInit.parse(spec.init, base.arch, "init")
+            initialise_encoder(unet, base.arch, 1, init)
         except Exception as exc:  # the loader's own message, whatever it raised
             raise ConfigError(f"config key 'inits.{spec.name}': {exc}") from None
 

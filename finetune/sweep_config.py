@@ -20,11 +20,11 @@ from typing import Any
 from cluster.config import ConfigError, from_dict, to_dict
 from finetune.config import FinetuneConfig
 from finetune.grid import run_dir_for
+from pretrain.checkpoint import CHECKPOINT_DIR, kept_checkpoint_name
 
 # keys of FinetuneConfig the sweep sets per trial; ``base`` may not set them
 TRIAL_KEYS = ("data", "out", "init", "init_name", "budget", "seed")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-KEPT_EPOCH = "checkpoints/epoch{:04d}.pt"  # pretrain's kept end-of-epoch checkpoints
 TRIAL_FILE = "sweep_trial.json"  # in a run folder: what Ray did with it (nodes, threads, time)
 # Test-only fault switch: "INIT/budgetNNNNN/seedS@EPOCH" makes that trial raise once,
 # after reporting EPOCH. Set in the driver's environment; the sweep forwards it.
@@ -168,9 +168,9 @@ def expand_inits(config: SweepConfig) -> list[InitSpec]:
             continue
         run, epochs = Path(value["run"]), value["epochs"]
         for epoch in epochs:
-            checkpoint = run / KEPT_EPOCH.format(epoch)
+            checkpoint = run / CHECKPOINT_DIR / kept_checkpoint_name(epoch)
             if not checkpoint.is_file():
-                kept = sorted(p.name for p in (run / "checkpoints").glob("epoch*.pt"))
+                kept = sorted(p.name for p in (run / CHECKPOINT_DIR).glob("epoch*.pt"))
                 raise ConfigError(
                     f"config key 'inits.{name}.epochs': {checkpoint} does not exist "
                     f"(kept epoch checkpoints there: {', '.join(kept) or 'none'}; keep more "

@@ -1,28 +1,44 @@
-"""Pretraining checkpoints: atomic writes, weights-only loads, latest-first resume.
+"""Pretraining checkpoints in a run folder: atomic writes, weights-only loads, latest-first
+resume.
 
 A checkpoint holds the whole state of a run: online and target networks, optimizer, the
 number of finished epochs and of batches consumed in the current one (the data
-position), the step, and every rank's random-number generator states.
+position), the step, and every rank's random-number generator states. Its contents are
+a :class:`~pretrain.checkpoint_state.PretrainCheckpoint`; this module places the files.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
 from cluster.atomic import atomic_path
 from cluster.distributed import DistInfo
+from pretrain.checkpoint_state import PretrainCheckpoint, read_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "last.pt"
 
 
-SHARDS_KEY = "zero_shards"  # folder (in checkpoints/) of the per-rank optimizer shards
 _SHARD_PREFIX = "zero-step"
+# the end-of-epoch copies run.keep_epochs asks for (fine-tuning sweeps read them by epoch)
+_KEPT = re.compile(r"epoch(\d{4,})\.pt")
+
+
+def kept_checkpoint_name(epoch: int) -> str:
+    return f"epoch{epoch:04d}.pt"
+
+
+def kept_checkpoint_epoch(path: Path) -> int | None:
+    """The epoch of a kept end-of-epoch checkpoint (``RUN/checkpoints/epochNNNN.pt``);
+    None for any other file."""
+    match = _KEPT.fullmatch(path.name)
+    return int(match.group(1)) if match and path.parent.name == CHECKPOINT_DIR else None
 
 
 def shard_folder_name(step: int) -> str:
@@ -33,36 +49,39 @@ def shard_name(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any], keep_as: str | None = None) -> Path:
+def save_checkpoint(run_dir: Path, state: PretrainCheckpoint,
+                    keep_as: str | None = None) -> Path:
     """Write ``checkpoints/last.pt`` atomically (and a kept copy named ``keep_as``).
 
     With a sharded optimizer (DeepSpeed ZeRO 1-2) every rank has already written its
-    shard into the folder ``state[SHARDS_KEY]``; ``last.pt`` points at it, a kept copy
+    shard into the folder ``state.zero_shards``; ``last.pt`` points at it, a kept copy
     gets a copy of its own, and shard folders no checkpoint points at are removed, only
     after ``last.pt`` has moved on to the new one.
     """
     folder = run_dir / CHECKPOINT_DIR
     with atomic_path(folder / LATEST) as tmp:
-        torch.save(state, tmp)
-    shards = state.get(SHARDS_KEY)
+        torch.save(state.to_dict(), tmp)
+    shards = state.zero_shards
     if keep_as:
         kept = state
         if shards:
-            kept = {**state, SHARDS_KEY: f"{Path(keep_as).stem}-zero"}
-            with atomic_path(folder / kept[SHARDS_KEY]) as tmp:
+            kept_shards = f"{Path(keep_as).stem}-zero"
+            kept = replace(state, zero_shards=kept_shards)
+            with atomic_path(folder / kept_shards) as tmp:
                 shutil.copytree(folder / shards, tmp)
         with atomic_path(folder / keep_as) as tmp:
-            torch.save(kept, tmp)
+            torch.save(kept.to_dict(), tmp)
     for old in folder.glob(f"{_SHARD_PREFIX}*"):
         if old.name != shards and old.is_dir():
             shutil.rmtree(old)
     return folder / LATEST
 
 
-def shard_files(run_dir: Path, checkpoint: dict[str, Any]) -> list[Path]:
+def shard_files(run_dir: Path, checkpoint: PretrainCheckpoint) -> list[Path]:
     """The per-rank optimizer shard files a checkpoint points at, checked to exist."""
-    folder = run_dir / CHECKPOINT_DIR / str(checkpoint[SHARDS_KEY])
-    files = [folder / shard_name(rank) for rank in range(int(checkpoint["world_size"]))]
+    folder = run_dir / CHECKPOINT_DIR / str(checkpoint.zero_shards)
+    ranks = checkpoint.world_size or 0  # the reader requires it beside zero_shards
+    files = [folder / shard_name(rank) for rank in range(ranks)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ValueError(f"{run_dir / CHECKPOINT_DIR / LATEST}: optimizer shards missing: "
@@ -70,15 +89,15 @@ def shard_files(run_dir: Path, checkpoint: dict[str, Any]) -> list[Path]:
     return files
 
 
-def load_latest(run_dir: Path) -> dict[str, Any] | None:
+def load_latest(run_dir: Path) -> PretrainCheckpoint | None:
+    """The run's latest checkpoint, read strictly; None when it has none yet."""
     path = run_dir / CHECKPOINT_DIR / LATEST
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{path}: unreadable checkpoint ({exc}); move it away to restart") from None
+        return read_checkpoint(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; move it away to restart") from None
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pretrain.encoder_init import EncoderInit
+
 
 @dataclass
 class DataConfig:
@@ -36,26 +38,10 @@ class ModelConfig:
     init: str = "random"
 
     def __post_init__(self) -> None:
-        check_timm_init(self.init, self.arch)
+        self.encoder_init()  # refuses timm weights of another architecture now
 
-    def timm_weights(self) -> str | None:
-        """The timm model name whose pretrained weights ``init`` asks for, if any."""
-        return timm_weights_name(self.init, self.arch)
-
-
-def timm_weights_name(init: str, arch: str) -> str | None:
-    """``"timm"`` -> ``arch``; ``"timm:ARCH.TAG"`` -> ``"ARCH.TAG"``; anything else None."""
-    if init == "timm":
-        return arch
-    return init.removeprefix("timm:") if init.startswith("timm:") else None
-
-
-def check_timm_init(init: str, arch: str) -> None:
-    """Refuse timm weights named for another architecture than ``arch``."""
-    name = timm_weights_name(init, arch)
-    if name is not None and name.split(".")[0] != arch.split(".")[0]:
-        raise ValueError(f"init {init!r} names weights of another architecture than arch "
-                         f"{arch!r}")
+    def encoder_init(self) -> EncoderInit:
+        return EncoderInit.parse(self.init, self.arch, "model.init")
 
 
 @dataclass

@@ -1,10 +1,18 @@
-"""The pretraining loop: one process per device, DDP across processes and nodes."""
+"""The pretraining loop: one process per device, DDP across processes and nodes.
+
+A run starts fresh or resumes from its latest checkpoint (``start_or_resume``), then
+``EpochLoop`` takes the optimizer steps. After each one ``StepLogger``
+(``pretrain.train_log``) logs it, ``CheckpointSaver`` saves the run when a checkpoint is
+due, and the live probe runs when it is due. Each loss is checked for being finite one
+step late (``DeferredLossCheck``), so the host does not wait for the device inside the loop.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,17 +28,19 @@ from pretrain.backends import Backend, build_backend
 from pretrain.batching import BatchPlan, plan_batches
 from pretrain.checkpoint import (
     CHECKPOINT_DIR,
-    SHARDS_KEY,
+    LATEST,
     gather_rng,
+    kept_checkpoint_name,
     load_latest,
     restore_rng,
     save_checkpoint,
     shard_files,
     shard_folder_name,
 )
+from pretrain.checkpoint_state import PretrainCheckpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import pretrain_epoch_samples
-from pretrain.epoch_loader import STRETCHES_KEY, EpochReading, open_epoch
+from pretrain.epoch_loader import EpochReading, open_epoch
 from pretrain.export import EXPORT_DIR, export_backbone
 from pretrain.methods import SSLMethod
 from pretrain.model import build_model
@@ -40,6 +50,7 @@ from pretrain.probe_log import PROBE_FILE, ProbeLog, probe_summary, read_probe_l
 from pretrain.schedules import ema_momentum, warmup_cosine
 from pretrain.step import check_finite
 from pretrain.sync_batchnorm import convert_sync_batchnorm
+from pretrain.train_log import StepLogger
 
 
 @dataclass
@@ -71,19 +82,81 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 
 def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
     run_dir = Path(config.run.out)
-    device = dist.device
     plan = plan_batches(config, dist.world_size, pretrain_epoch_samples(
         config.data.path, config.data.epoch_samples, config.data.resampled))
-    steps_per_epoch, accum = plan.steps_per_epoch, plan.grad_accum
-    total_steps = steps_per_epoch * config.optim.epochs
-    warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
-
     torch.manual_seed(config.run.seed + dist.rank)
+    backend, start = start_or_resume(config, dist, plan, run_dir)
+    probe = (_LiveProbe(config, dist, run_dir, plan.steps_per_epoch, backend.method)
+             if config.probe.enabled else None)
+    writer = None
+    if dist.is_main:
+        write_run_info(run_dir, config, {
+            "world_size": dist.world_size, "global_batch": plan.global_batch,
+            "micro_batch_per_rank": plan.micro_batch, "grad_accum": plan.grad_accum,
+            "peak_lr": plan.peak_lr, "resumed_at_step": start.step})
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    loop = EpochLoop(config, dist, plan, backend, start, run_dir=run_dir, writer=writer,
+                     probe=probe)
+    loop.run()
+    export_dir = run_dir / EXPORT_DIR
+    if dist.is_main:
+        # a finished run resumed with a smaller optim.epochs trains no further
+        export_backbone(backend.method.online_encoder, export_dir, config,
+                        epochs=max(start.epoch, config.optim.epochs), steps=loop.step,
+                        probe=probe_summary(read_probe_log(run_dir / PROBE_FILE)))
+        if writer is not None:
+            writer.close()
+    barrier(dist)
+    return PretrainResult(run_dir, export_dir, loop.step, loop.losses.value)
+
+
+# --- where training starts ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a process starts training: in epoch ``epoch`` after its first ``first_step``
+    optimizer steps, ``step`` steps into the run; ``stretches`` are the loader stretches
+    the checkpoint recorded for that epoch. All zero for a fresh run."""
+
+    epoch: int = 0
+    step: int = 0
+    first_step: int = 0
+    stretches: list[dict] = field(default_factory=list)
+
+
+def resume_point(checkpoint: PretrainCheckpoint | None, plan: BatchPlan) -> ResumePoint:
+    """Where to continue from ``checkpoint`` with this start's batching ``plan``."""
+    if checkpoint is None:
+        return ResumePoint()
+    return ResumePoint(epoch=checkpoint.epoch, step=checkpoint.step,
+                       first_step=_resume_step(checkpoint, plan),
+                       stretches=checkpoint.loader_stretches)
+
+
+def _resume_step(checkpoint: PretrainCheckpoint, plan: BatchPlan) -> int:
+    """Optimizer steps of the checkpoint's epoch to skip: exactly its position when the
+    batching is unchanged, else as many as its consumed samples fill (elastic restart)."""
+    saved_batch = plan.global_batch if checkpoint.global_batch is None \
+        else checkpoint.global_batch
+    if (checkpoint.world_size, saved_batch, checkpoint.grad_accum) == \
+            (plan.world_size, plan.global_batch, plan.grad_accum):
+        return checkpoint.position
+    return plan.resume_point(checkpoint.position * saved_batch)
+
+
+def start_or_resume(config: PretrainConfig, dist: DistInfo, plan: BatchPlan,
+                    run_dir: Path) -> tuple[Backend, ResumePoint]:
+    """The run's method, optimizer and backend, fresh or restored from its latest
+    checkpoint (weights, optimizer state or shards, every rank's generator states), and
+    where training starts."""
+    device = dist.device
     checkpoint = load_latest(run_dir)
     model = build_model(config, initialise=checkpoint is None).to(device)
     if dist.distributed and config.run.sync_batchnorm:
         # BatchNorm over the global batch: PyTorch's SyncBatchNorm on CUDA, ours elsewhere
-        model = convert_sync_batchnorm(model, device.type)
+        converted = convert_sync_batchnorm(model, device.type)
+        assert converted is model  # only a BatchNorm root is replaced, and a method is none
     optimizer = build_pretrain_optimizer(config.optim.name, model, lr=plan.peak_lr,
                                          weight_decay=config.optim.weight_decay,
                                          momentum=config.optim.momentum, eta=config.optim.eta,
@@ -91,154 +164,218 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                                          clip_lr=config.optim.clip_lr)
     if checkpoint is not None:
         _check_resumable(checkpoint, config, run_dir)
-        model.load_state_dict(checkpoint["model"])  # before any backend copies it
+        model.load_state_dict(checkpoint.model)  # before any backend copies it
     backend = build_backend(
         config.run.backend, model, optimizer, dist, micro_batch=plan.micro_batch,
-        grad_accum=accum, zero_stage=config.run.zero_stage, precision=config.run.precision,
+        grad_accum=plan.grad_accum, zero_stage=config.run.zero_stage,
+        precision=config.run.precision,
         channels_last=device.type == "cuda" and config.run.channels_last,
         compile=config.run.compile)
-    start_epoch, step, first_step, saved_stretches = 0, 0, 0, []
+    start = resume_point(checkpoint, plan)
     if checkpoint is not None:
         _restore_optimizer(backend, checkpoint, config, run_dir)
-        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        first_step = _resume_step(checkpoint, plan)
-        saved_stretches = checkpoint.get(STRETCHES_KEY, [])
-        restore_rng(checkpoint.get("rng", []), dist.rank, dist.world_size)
+        restore_rng(checkpoint.rng, dist.rank, dist.world_size)
         if dist.is_main:  # a resumed run says so, progress bars or not
-            print(f"resuming from {run_dir / 'checkpoints' / 'last.pt'}: epoch "
-                  f"{min(start_epoch + 1, config.optim.epochs)} of {config.optim.epochs}, "
-                  f"step {step} of {total_steps}", flush=True)
-    method = backend.method
-    probe = (_LiveProbe(config, dist, run_dir, steps_per_epoch, method)
-             if config.probe.enabled else None)
+            epochs = config.optim.epochs
+            print(f"resuming from {run_dir / CHECKPOINT_DIR / LATEST}: epoch "
+                  f"{min(start.epoch + 1, epochs)} of {epochs}, "
+                  f"step {start.step} of {plan.steps_per_epoch * epochs}", flush=True)
+    return backend, start
 
-    writer = None
-    if dist.is_main:
-        write_run_info(run_dir, config, {
-            "world_size": dist.world_size, "global_batch": plan.global_batch,
-            "micro_batch_per_rank": plan.micro_batch, "grad_accum": accum,
-            "peak_lr": plan.peak_lr, "resumed_at_step": step})
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + first_step,
-               desc="pretrain", unit="step",
-               disable=not (dist.is_main and config.run.progress))
-    loss_value = float("nan")
-    # the last step's loss and step, checked one step late: no host sync
-    unchecked_loss: tuple[torch.Tensor, int] | None = None
-    last_log, steps_since_log = time.perf_counter(), 0
-    launch_step = step
 
-    reading: EpochReading | None = None
+def _check_resumable(checkpoint: PretrainCheckpoint, config: PretrainConfig,
+                     run_dir: Path) -> None:
+    saved, current = checkpoint.config, to_dict(config)
+    pairs = {"model": (saved.get("model"), current["model"]),
+             "method": (saved.get("method"), current["method"]),
+             "optim.name": (saved.get("optim", {}).get("name"), current["optim"]["name"])}
+    for key, (before, now) in pairs.items():
+        if before != now:
+            raise ValueError(f"{run_dir}: its checkpoint was made with another {key} "
+                             f"({before}, now {now}); use a new run.out")
 
-    def probe_at(at_step: int, epoch_end: bool) -> None:
-        """The probe, where one is due and not yet logged; its time is kept out of the
-        throughput figures."""
-        nonlocal last_log
-        if probe is not None:
-            last_log += probe.maybe_run(at_step, epoch_end, writer)
 
-    # before training: the random (or loaded) initialisation, or a probe a restart missed
-    probe_at(step, first_step == 0)
+def _restore_optimizer(backend: Backend, checkpoint: PretrainCheckpoint,
+                       config: PretrainConfig, run_dir: Path) -> None:
+    if bool(checkpoint.zero_shards) != backend.sharded_optimizer:
+        saved_run = checkpoint.config.get("run", {})
+        raise ValueError(
+            f"{run_dir}: its checkpoint keeps the optimizer state "
+            f"{'sharded' if checkpoint.zero_shards else 'whole'} (run.backend="
+            f"{saved_run.get('backend', 'ddp')}, run.zero_stage={saved_run.get('zero_stage', 0)}"
+            f"), which run.backend={config.run.backend}, run.zero_stage="
+            f"{config.run.zero_stage} cannot load; resume with the same settings")
+    if backend.sharded_optimizer:
+        backend.load_shards(shard_files(run_dir, checkpoint))
+    elif checkpoint.optimizer is None:
+        raise ValueError(f"{run_dir / CHECKPOINT_DIR / LATEST}: holds no optimizer state to "
+                         "resume from; use a new run.out")
+    else:
+        backend.load_optimizer_state(checkpoint.optimizer)
 
-    def checkpoint_now(epoch_done: int, steps_done: int) -> None:
-        """Save the full state; never one whose last loss was not finite."""
-        nonlocal unchecked_loss, loss_value
-        if unchecked_loss is not None:
-            loss_value = check_finite(*unchecked_loss, dist.rank)
-            unchecked_loss = None
-        rng = gather_rng(dist)
+
+# --- the steps ----------------------------------------------------------------------
+
+
+class DeferredLossCheck:
+    """Each step's loss, checked to be finite one step late: reading a loss waits for the
+    device, and by then the next step is already queued. ``value`` is the last loss read
+    (by a log, a checkpoint or the end of an epoch)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.pending: tuple[torch.Tensor, int] | None = None  # a loss and its step
+        self.value = math.nan
+
+    def push(self, loss: torch.Tensor, step: int) -> None:
+        """Hold the loss of ``step``, after checking the one held before."""
+        if self.pending is not None:
+            check_finite(*self.pending, self.rank)
+        self.pending = (loss, step)
+
+    def settle(self) -> float:
+        """Check the held loss now (``NonFiniteLossError`` if it is not finite); the last
+        loss read."""
+        if self.pending is not None:
+            self.value = check_finite(*self.pending, self.rank)
+            self.pending = None
+        return self.value
+
+
+class CheckpointSaver:
+    """Saves the run's whole state at each epoch end and every ``run.checkpoint_every``
+    steps inside an epoch; never a state whose last loss was not finite."""
+
+    def __init__(self, run_dir: Path, config: PretrainConfig, plan: BatchPlan,
+                 dist: DistInfo, backend: Backend, writer: SummaryWriter | None) -> None:
+        self.run_dir, self.config, self.plan, self.dist = run_dir, config, plan, dist
+        self.backend, self.writer = backend, writer
+
+    def due(self, step: int, steps_done: int) -> bool:
+        """A checkpoint inside an epoch, after ``steps_done`` of its steps (run step
+        ``step``); the epoch's end has its own."""
+        every = self.config.run.checkpoint_every
+        return bool(every) and step % every == 0 and steps_done < self.plan.steps_per_epoch
+
+    def save(self, *, epoch_done: int, steps_done: int, step: int, losses: DeferredLossCheck,
+             reading: EpochReading | None) -> None:
+        """Save after ``epoch_done`` epochs and ``steps_done`` steps of the next (all ranks
+        call it). The pending loss is checked first: a non-finite one raises and the last
+        checkpoint stays as it was."""
+        losses.settle()
+        rng = gather_rng(self.dist)
         shards = None
-        if backend.sharded_optimizer:
+        if self.backend.sharded_optimizer:
             shards = shard_folder_name(step)
-            backend.save_shard(run_dir / CHECKPOINT_DIR / shards, dist.rank)
-            barrier(dist)  # every shard is in place before last.pt points at them
-        if writer is not None:
-            writer.flush()  # the logs up to a checkpoint survive a crash after it
-        if dist.is_main:
-            keep = f"epoch{epoch_done:04d}.pt" if steps_done == 0 and \
-                epoch_done in config.run.keep_epochs else None
-            save_checkpoint(run_dir, {
-                "model": method.state_dict(), "optimizer": backend.optimizer_state(),
-                SHARDS_KEY: shards, "epoch": epoch_done, "position": steps_done,
-                "global_batch": plan.global_batch, "grad_accum": accum, "step": step,
-                "rng": rng, "world_size": dist.world_size, "config": to_dict(config),
-                STRETCHES_KEY: reading.stretches_at(steps_done) if reading else [],
-            }, keep_as=keep)
-        barrier(dist)
+            self.backend.save_shard(self.run_dir / CHECKPOINT_DIR / shards, self.dist.rank)
+            barrier(self.dist)  # every shard is in place before last.pt points at them
+        if self.writer is not None:
+            self.writer.flush()  # the logs up to a checkpoint survive a crash after it
+        if self.dist.is_main:
+            state = self.state(epoch_done=epoch_done, steps_done=steps_done, step=step,
+                               rng=rng, shards=shards,
+                               stretches=reading.stretches_at(steps_done) if reading else [])
+            save_checkpoint(self.run_dir, state, keep_as=self.kept_name(epoch_done, steps_done))
+        barrier(self.dist)
 
-    for epoch in range(start_epoch, config.optim.epochs):
-        epoch_started = time.perf_counter()
-        backend.train()
+    def state(self, *, epoch_done: int, steps_done: int, step: int,
+              rng: list[dict[str, torch.Tensor]], shards: str | None,
+              stretches: list[dict]) -> PretrainCheckpoint:
+        """What the checkpoint holds (the live tensors, not copies)."""
+        return PretrainCheckpoint(
+            model=self.backend.method.state_dict(), config=to_dict(self.config),
+            epoch=epoch_done, step=step, optimizer=self.backend.optimizer_state(),
+            zero_shards=shards, position=steps_done, global_batch=self.plan.global_batch,
+            grad_accum=self.plan.grad_accum, world_size=self.dist.world_size, rng=rng,
+            loader_stretches=stretches)
+
+    def kept_name(self, epoch_done: int, steps_done: int) -> str | None:
+        """The name of the copy kept besides ``last.pt`` (``run.keep_epochs``), if any."""
+        if steps_done == 0 and epoch_done in self.config.run.keep_epochs:
+            return kept_checkpoint_name(epoch_done)
+        return None
+
+
+class EpochLoop:
+    """The run's optimizer steps, epoch by epoch from ``start``; after each step: its log,
+    then a checkpoint and a probe where due."""
+
+    def __init__(self, config: PretrainConfig, dist: DistInfo, plan: BatchPlan,
+                 backend: Backend, start: ResumePoint, *, run_dir: Path,
+                 writer: SummaryWriter | None, probe: _LiveProbe | None) -> None:
+        self.config, self.dist, self.plan, self.backend = config, dist, plan, backend
+        self.start, self.writer, self.probe = start, writer, probe
+        self.total_steps = plan.steps_per_epoch * config.optim.epochs
+        self.warmup_steps = int(config.optim.warmup_epochs * plan.steps_per_epoch)
+        self.step = start.step  # optimizer steps taken, all epochs together
+        self.losses = DeferredLossCheck(dist.rank)
+        bar = tqdm(total=self.total_steps,
+                   initial=start.epoch * plan.steps_per_epoch + start.first_step,
+                   desc="pretrain", unit="step",
+                   disable=not (dist.is_main and config.run.progress))
+        self.log = StepLogger(writer, bar, backend.method, log_every=config.run.log_every,
+                              global_batch=plan.global_batch,
+                              steps_per_epoch=plan.steps_per_epoch, launch_step=start.step)
+        self.checkpoints = CheckpointSaver(run_dir, config, plan, dist, backend, writer)
+
+    def run(self) -> None:
+        # before training: the random (or loaded) initialisation, or a probe a restart missed
+        self._probe(epoch_end=self.start.first_step == 0)
+        for epoch in range(self.start.epoch, self.config.optim.epochs):
+            self.run_epoch(epoch)
+        self.log.bar.close()
+
+    def run_epoch(self, epoch: int) -> None:
+        config, dist, steps_per_epoch = self.config, self.dist, self.plan.steps_per_epoch
+        started = time.perf_counter()
+        self.backend.train()
         # One loader per epoch: a resumed epoch delivers exactly the samples its
         # checkpoint had not consumed (the same batches, when the batching is unchanged).
-        first = first_step if epoch == start_epoch else 0
-        reading = open_epoch(config, plan, dist, epoch, first,
-                             saved_stretches if epoch == start_epoch else [])
+        resumed = epoch == self.start.epoch
+        first = self.start.first_step if resumed else 0
+        reading = open_epoch(config, self.plan, dist, epoch, first,
+                             self.start.stretches if resumed else [])
         views = _ViewSource(reading.batches, config, dist)
         for index in range(first, steps_per_epoch):
-            # The schedules run on epoch progress, which survives a change of world size.
-            progress = epoch * steps_per_epoch + index
-            lr = warmup_cosine(progress, total_steps, warmup_steps, plan.peak_lr)
-            momentum = ema_momentum(progress, total_steps, config.method.tau_base)
-            loss = backend.step(views.pairs(step, accum), accum, lr=lr, momentum=momentum)
-            if unchecked_loss is not None:
-                check_finite(*unchecked_loss, dist.rank)
-            unchecked_loss = (loss, step)
-            step += 1
-            steps_since_log += 1
-            bar.update(1)
-            if writer is not None and step == launch_step + 1:
-                _log_view_pairs(writer, *views.last, step)
+            self.take_step(epoch, index, views)
             # Logged before a checkpoint, whose flush then makes the step's scalars durable.
-            if step % config.run.log_every == 0 or step == 1:
-                if unchecked_loss is not None:
-                    loss_value = check_finite(*unchecked_loss, dist.rank)
-                    unchecked_loss = None  # just checked
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}")
-                if writer is not None:
-                    elapsed = time.perf_counter() - last_log
-                    views_per_s = 2 * plan.global_batch * steps_since_log / elapsed
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    # the epoch at the step's start
-                    writer.add_scalar("train/epoch", progress / steps_per_epoch, step)
-                    if method.uses_momentum:
-                        writer.add_scalar("train/tau", momentum, step)
-                    writer.add_scalar("perf/views_per_s", views_per_s, step)
-                    writer.add_scalar("perf/data_wait_fraction", views.wait_s / elapsed, step)
-                    spread = _embedding_std(method, views.last[0])
-                    if torch.isfinite(spread).all():  # diverged weights fail the next loss check
-                        writer.add_histogram("collapse/embedding_std", spread, step)
-                last_log, steps_since_log = time.perf_counter(), 0
-                views.wait_s = 0.0
-            every = config.run.checkpoint_every
-            if every and step % every == 0 and index + 1 < steps_per_epoch:
-                checkpoint_now(epoch, index + 1)
+            if self.checkpoints.due(self.step, index + 1):
+                self.checkpoints.save(epoch_done=epoch, steps_done=index + 1, step=self.step,
+                                      losses=self.losses, reading=reading)
             if index + 1 < steps_per_epoch:
-                probe_at(step, epoch_end=False)
-        del views
-        reading = None
-        if unchecked_loss is not None:
-            loss_value = check_finite(*unchecked_loss, dist.rank)
-        checkpoint_now(epoch + 1, 0)
-        probe_at(step, epoch_end=True)
+                self._probe(epoch_end=False)
+        del views, reading  # the epoch's loader ends before its checkpoint
+        self.checkpoints.save(epoch_done=epoch + 1, steps_done=0, step=self.step,
+                              losses=self.losses, reading=None)
+        self._probe(epoch_end=True)
         if dist.is_main and not config.run.progress:  # without bars, one line per epoch
-            seconds = time.perf_counter() - epoch_started
-            trained = steps_per_epoch - (first_step if epoch == start_epoch else 0)
-            print(f"epoch {epoch + 1} of {config.optim.epochs}: loss {loss_value:.4f}, "
-                  f"{2 * plan.global_batch * trained / seconds:.1f} views/s, "
-                  f"{seconds:.1f} s", flush=True)
-    bar.close()
-    export_dir = run_dir / EXPORT_DIR
-    if dist.is_main:
-        # a finished run resumed with a smaller optim.epochs trains no further
-        export_backbone(method.online_encoder, export_dir, config,
-                        epochs=max(start_epoch, config.optim.epochs), steps=step,
-                        probe=probe_summary(read_probe_log(run_dir / PROBE_FILE)))
-        if writer is not None:
-            writer.close()
-    barrier(dist)
-    return PretrainResult(run_dir, export_dir, step, loss_value)
+            seconds = time.perf_counter() - started
+            views_per_s = 2 * self.plan.global_batch * (steps_per_epoch - first) / seconds
+            print(f"epoch {epoch + 1} of {config.optim.epochs}: loss {self.losses.value:.4f}, "
+                  f"{views_per_s:.1f} views/s, {seconds:.1f} s", flush=True)
+
+    def take_step(self, epoch: int, index: int, views: _ViewSource) -> None:
+        """Optimizer step ``index`` of ``epoch``, then its log."""
+        # The schedules run on epoch progress, which survives a change of world size.
+        progress = epoch * self.plan.steps_per_epoch + index
+        lr = warmup_cosine(progress, self.total_steps, self.warmup_steps, self.plan.peak_lr)
+        momentum = ema_momentum(progress, self.total_steps, self.config.method.tau_base)
+        accum = self.plan.grad_accum
+        loss = self.backend.step(views.pairs(self.step, accum), accum, lr=lr,
+                                 momentum=momentum)
+        self.losses.push(loss, self.step)
+        self.step += 1
+        self.log.after_step(self.step, epoch=epoch, progress=progress, lr=lr,
+                            momentum=momentum, views=views, loss=self.losses.settle)
+
+    def _probe(self, epoch_end: bool) -> None:
+        """The probe, where one is due and not yet logged; its time is kept out of the
+        throughput figures."""
+        if self.probe is not None:
+            self.log.exclude(self.probe.maybe_run(self.step, epoch_end, self.writer))
+
+
+# --- the live probe and the views -----------------------------------------------------
 
 
 class _LiveProbe:
@@ -304,68 +441,13 @@ class _ViewSource:
             batch = next(self.batches)
             self.wait_s += time.perf_counter() - wait_start
             if isinstance(batch, tuple):
-                self.last = tuple(view.to(device, non_blocking=True) for view in batch)
+                first, second = (view.to(device, non_blocking=True) for view in batch)
             else:
                 images = batch.to(device, non_blocking=True)
                 generator = torch.Generator(device=device).manual_seed(
                     hash((self.config.run.seed, self.dist.rank, step, micro)) % 2**62)
-                self.last = tuple(augment_view(images, view, self.config.data.crop_size,
-                                               generator)
-                                  for view in (augment.view1, augment.view2))
+                first, second = (augment_view(images, view, self.config.data.crop_size,
+                                              generator)
+                                 for view in (augment.view1, augment.view2))
+            self.last = (first, second)
             yield self.last
-
-
-@torch.no_grad()
-def _embedding_std(method: SSLMethod, views: torch.Tensor) -> torch.Tensor:
-    """Per-dimension std of normalised projections: values near 0 signal collapse."""
-    was_training = method.training
-    method.eval()
-    projections = method.embed(views[:64].float())
-    method.train(was_training)
-    return torch.nn.functional.normalize(projections, dim=1).std(dim=0).cpu()
-
-
-def _check_resumable(checkpoint: dict, config: PretrainConfig, run_dir: Path) -> None:
-    saved, current = checkpoint.get("config", {}), to_dict(config)
-    pairs = {"model": (saved.get("model"), current["model"]),
-             "method": (saved.get("method"), current["method"]),
-             "optim.name": (saved.get("optim", {}).get("name"), current["optim"]["name"])}
-    for key, (before, now) in pairs.items():
-        if before != now:
-            raise ValueError(f"{run_dir}: its checkpoint was made with another {key} "
-                             f"({before}, now {now}); use a new run.out")
-
-
-def _restore_optimizer(backend: Backend, checkpoint: dict, config: PretrainConfig,
-                       run_dir: Path) -> None:
-    if bool(checkpoint.get(SHARDS_KEY)) != backend.sharded_optimizer:
-        saved_run = checkpoint.get("config", {}).get("run", {})
-        raise ValueError(
-            f"{run_dir}: its checkpoint keeps the optimizer state "
-            f"{'sharded' if checkpoint.get(SHARDS_KEY) else 'whole'} (run.backend="
-            f"{saved_run.get('backend', 'ddp')}, run.zero_stage={saved_run.get('zero_stage', 0)}"
-            f"), which run.backend={config.run.backend}, run.zero_stage="
-            f"{config.run.zero_stage} cannot load; resume with the same settings")
-    if backend.sharded_optimizer:
-        backend.load_shards(shard_files(run_dir, checkpoint))
-    else:
-        backend.load_optimizer_state(checkpoint["optimizer"])
-
-
-def _resume_step(checkpoint: dict, plan: BatchPlan) -> int:
-    """Optimizer steps of the checkpoint's epoch to skip: exactly its position when the
-    batching is unchanged, else as many as its consumed samples fill (elastic restart)."""
-    position = int(checkpoint.get("position", 0))
-    saved_batch = int(checkpoint.get("global_batch", plan.global_batch))
-    if (checkpoint.get("world_size"), saved_batch, checkpoint.get("grad_accum", 1)) == \
-            (plan.world_size, plan.global_batch, plan.grad_accum):
-        return position
-    return plan.resume_point(position * saved_batch)
-
-
-def _log_view_pairs(writer: SummaryWriter, view1: torch.Tensor, view2: torch.Tensor,
-                    step: int, count: int = 8) -> None:
-    pairs = torch.stack([view1[:count], view2[:count]], dim=1).flatten(0, 1).float().cpu()
-    low = pairs.amin(dim=(1, 2, 3), keepdim=True)
-    high = pairs.amax(dim=(1, 2, 3), keepdim=True)
-    writer.add_images("views/pairs", (pairs - low) / (high - low + 1e-6), step)

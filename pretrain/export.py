@@ -13,25 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import torch
 from torch import nn
 
-from cluster.atomic import atomic_path, atomic_write_json
+from cluster.atomic import atomic_path
 from cluster.config import ConfigError, from_dict
 from data_prep.manifest import Manifest
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST
+from pretrain.checkpoint_state import read_checkpoint
 from pretrain.config import PretrainConfig
+from pretrain.export_meta import EXPORT_DIR, EXPORT_WEIGHTS, BackboneMeta
 from pretrain.probe_log import PROBE_FILE, probe_summary, read_probe_log
 from pretrain.weights import (
-    EXPORT_META,
-    EXPORT_WEIGHTS,
+    EncoderWeights,
     create_encoder,
+    feature_width,
     load_into_encoder,
     takes_img_size,
-    weights_from_blob,
 )
-
-EXPORT_DIR = "export"
 
 
 def export_backbone(encoder: nn.Module, folder: Path, config: PretrainConfig, *,
@@ -44,35 +42,23 @@ def export_backbone(encoder: nn.Module, folder: Path, config: PretrainConfig, *,
     with atomic_path(folder / EXPORT_WEIGHTS) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
     meta = backbone_meta(config, encoder, epochs=epochs, steps=steps)
-    if checkpoint is not None:
-        meta["checkpoint"] = str(checkpoint.resolve())
-    if probe is not None:
-        meta["probe"] = probe
-    atomic_write_json(folder / EXPORT_META, {"weights": EXPORT_WEIGHTS, **meta})
+    meta.checkpoint = str(checkpoint.resolve()) if checkpoint is not None else None
+    meta.probe = probe
+    meta.write(folder)
     return folder / EXPORT_WEIGHTS
 
 
 def backbone_meta(config: PretrainConfig, encoder: nn.Module, *, epochs: int,
-                  steps: int) -> dict[str, Any]:
+                  steps: int) -> BackboneMeta:
     """What an export needs to be rebuilt and understood: architecture, input, training
     reached (``epochs`` finished of ``planned_epochs``) and data."""
-    meta: dict[str, Any] = {"architecture": config.model.arch,
-                            "in_chans": config.model.in_chans}
-    if takes_img_size(config.model.arch):
-        meta["img_size"] = config.data.crop_size  # the model was built for it
-    meta.update(num_features=encoder.num_features, method=config.method.name, epochs=epochs,
-                planned_epochs=config.optim.epochs, steps=steps,
-                init=_recorded_init(config.model.init), data=_data_meta(config.data.path))
-    return meta
-
-
-def _recorded_init(init: str) -> str:
-    """``model.init`` as the export records it: a local path made absolute, so the chain of
-    initialisations behind the export still resolves from another working directory."""
-    if init == "random" or init == "timm" or init.startswith("timm:"):
-        return init
-    path = Path(init)
-    return str(path.resolve()) if path.exists() else init
+    return BackboneMeta(
+        architecture=config.model.arch, in_chans=config.model.in_chans,
+        # a model built for one input size records it
+        img_size=config.data.crop_size if takes_img_size(config.model.arch) else None,
+        num_features=feature_width(encoder), method=config.method.name, epochs=epochs,
+        planned_epochs=config.optim.epochs, steps=steps,
+        init=config.model.encoder_init().recorded(), data=_data_meta(config.data.path))
 
 
 def _data_meta(path: str) -> dict[str, Any]:
@@ -91,29 +77,23 @@ def export_checkpoint(run_dir: Path, checkpoint: str = LATEST,
     ``epochNNNN.pt`` or a path. Writes ``run_dir/export`` for ``last.pt`` (as the run's
     end does), ``run_dir/export-NAME`` for others, unless ``out`` says otherwise."""
     path = find_checkpoint(run_dir, checkpoint)
+    saved = read_checkpoint(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a pretrain checkpoint (cannot load it weights-only: "
-                         f"{exc})") from None
-    missing = [k for k in ("model", "config", "epoch", "step")
-               if not isinstance(blob, dict) or k not in blob]
-    if missing:
-        raise ValueError(f"{path}: not a pretrain checkpoint (no {', '.join(missing)})")
-    try:
-        config = from_dict(PretrainConfig, blob["config"])
+        config = from_dict(PretrainConfig, saved.config)
     except ConfigError as exc:
         raise ValueError(f"{path}: its config does not fit this version of pretrain "
                          f"({exc})") from None
     encoder = create_encoder(config.model.arch, config.model.in_chans, config.data.crop_size)
-    load_into_encoder(encoder, weights_from_blob(blob, path))
+    load_into_encoder(encoder, EncoderWeights(saved.encoder_state_dict(), path,
+                                              arch=config.model.arch,
+                                              in_chans=config.model.in_chans))
     if out is None:
         out = run_dir / (EXPORT_DIR if path.name == LATEST else f"{EXPORT_DIR}-{path.stem}")
     # Finished epochs; a checkpoint taken mid-epoch (run.checkpoint_every) says so in steps.
     # The probe curve up to the checkpoint's step goes with it (pretrain/probe.py).
-    rows = [r for r in read_probe_log(run_dir / PROBE_FILE) if r["step"] <= int(blob["step"])]
-    return export_backbone(encoder, out, config, epochs=int(blob["epoch"]),
-                           steps=int(blob["step"]), checkpoint=path,
+    rows = [r for r in read_probe_log(run_dir / PROBE_FILE) if r["step"] <= saved.step]
+    return export_backbone(encoder, out, config, epochs=saved.epoch, steps=saved.step,
+                           checkpoint=path,
                            probe=probe_summary(rows)).parent
 
 

@@ -11,10 +11,10 @@ embeddings are resampled to the model's patch grid, both as timm does.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import timm
@@ -23,9 +23,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv, get_pretrained_cfg
 from torch import nn
 
-EXPORT_WEIGHTS = "backbone.safetensors"
-EXPORT_META = "backbone.json"
-CHECKPOINT_ENCODER_PREFIX = "online_encoder."
+from pretrain.checkpoint_state import PretrainCheckpoint
+from pretrain.export_meta import EXPORT_META, BackboneMeta, find_backbone_meta
 
 
 class EncoderMismatchError(ValueError):
@@ -57,33 +56,45 @@ def create_encoder(arch: str, in_chans: int, img_size: int | None = None) -> nn.
         raise ValueError(f"model.arch: timm has no model {arch!r} ({exc})") from None
 
 
-def create_pretrained_encoder(name: str, in_chans: int, img_size: int | None = None) -> nn.Module:
+def create_pretrained_encoder(name: str, in_chans: int, img_size: int | None = None,
+                              key: str = "model.init") -> nn.Module:
     """timm model ``name`` ("arch" or "arch.tag") with timm's pretrained weights.
 
     timm fetches them through the Hugging Face hub cache (``HF_HOME``/``HF_HUB_CACHE``;
     ``HF_HUB_OFFLINE=1`` reads only the cache) and applies the model's own checkpoint
     filter, 3 -> 1 channel stem adaptation and position-embedding resampling. The
-    classifier is removed only after loading, so that timm's load stays strict.
+    classifier is removed only after loading, so that timm's load stays strict. Errors
+    name the config ``key`` the weights were asked for with.
     """
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as exc:  # an unknown tag
-        raise ValueError(f"model.init: {exc}") from None
+        raise ValueError(f"{key}: {exc}") from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise ValueError(f"model.init: timm has no pretrained weights for {name!r}")
+        raise ValueError(f"{key}: timm has no pretrained weights for {name!r}")
     try:
         model = timm.create_model(name, pretrained=True, in_chans=in_chans,
                                   **_size_kwargs(name, img_size))
     except OSError as exc:  # hub, cache and network errors (not-cached-offline included)
         source = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
         raise WeightsUnavailableError(
-            f"model.init: cannot load timm's pretrained weights {name!r} from {source} "
+            f"{key}: cannot load timm's pretrained weights {name!r} from {source} "
             f"({type(exc).__name__}: {exc}). Without internet access, copy the weights "
-            f"file (model.safetensors) from there and set model.init to its local path, "
+            f"file (model.safetensors) from there and set {key} to its local path, "
             f"or fill the Hugging Face cache that HF_HOME/HF_HUB_CACHE point to."
         ) from None
-    model.reset_classifier(0)
+    # every timm model has it; nn.Module's stubs type unknown attributes as tensors
+    model.reset_classifier(0)  # type: ignore[operator]
     return model
+
+
+def feature_width(encoder: nn.Module) -> int:
+    """The width of the encoder's pooled features (timm's ``num_features``)."""
+    width = getattr(encoder, "num_features", None)
+    if not isinstance(width, int):
+        raise TypeError(f"the encoder ({type(encoder).__name__}) has no integer "
+                        "num_features; a timm model is expected")
+    return width
 
 
 def takes_img_size(arch: str) -> bool:
@@ -100,85 +111,61 @@ def takes_img_size(arch: str) -> bool:
     return bool(cfg and cfg.fixed_input_size)
 
 
-def _size_kwargs(arch: str, img_size: int | None) -> dict[str, int]:
+def _size_kwargs(arch: str, img_size: int | None) -> dict[str, Any]:
     return {"img_size": img_size} if img_size and takes_img_size(arch) else {}
-
-
-def export_meta_path(path: Path) -> Path | None:
-    """The export description (``backbone.json``) behind ``path``, if there is one: in an
-    export or run folder, the file itself, or next to an export's weights."""
-    if path.is_dir():
-        candidates = [path / EXPORT_META, path / "export" / EXPORT_META]
-    elif path.suffix == ".json":
-        candidates = [path]
-    elif path.suffix == ".safetensors":
-        candidates = [path.with_name(EXPORT_META)]
-    else:
-        candidates = []
-    return next((c for c in candidates if c.is_file()), None)
 
 
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
     path = Path(path)
     if path.is_dir():
-        meta_path = export_meta_path(path)
+        meta_path = find_backbone_meta(path)
         if meta_path is None:
             raise FileNotFoundError(f"{path}: no {EXPORT_META} here or in {path / 'export'}")
         return read_encoder_weights(meta_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: encoder weights file does not exist")
     if path.suffix == ".json":
-        meta = json.loads(path.read_text())
-        return _described(read_encoder_weights(path.parent / meta.get("weights", EXPORT_WEIGHTS)),
-                          meta)
+        meta = BackboneMeta.read(path)
+        return _described(read_encoder_weights(path.parent / meta.weights), meta)
     if path.suffix == ".safetensors":
         try:
             state = safetensors.torch.load_file(str(path))
         except Exception as exc:
             raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-        meta_path = export_meta_path(path)
-        meta = json.loads(meta_path.read_text()) if meta_path is not None else {}
-        return _described(EncoderWeights(state, path), meta)
+        meta_path = find_backbone_meta(path)
+        weights = EncoderWeights(state, path)
+        return weights if meta_path is None else _described(weights, BackboneMeta.read(meta_path))
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: cannot load as a weights-only torch file ({exc})") from None
-    return weights_from_blob(blob, path)
+    return _weights_from_torch_file(blob, path)
 
 
-def _described(weights: EncoderWeights, meta: dict) -> EncoderWeights:
-    """``weights`` with what an export's JSON says about them."""
-    weights.arch, weights.in_chans = meta.get("architecture"), meta.get("in_chans")
-    weights.img_size = meta.get("img_size")
+def _described(weights: EncoderWeights, meta: BackboneMeta) -> EncoderWeights:
+    """``weights`` with what an export's description says about them."""
+    weights.arch, weights.in_chans, weights.img_size = meta.architecture, meta.in_chans, \
+        meta.img_size
     return weights
 
 
-def weights_from_blob(blob: object, path: Path) -> EncoderWeights:
-    """The encoder weights in a loaded torch file (for a pretrain checkpoint: the online
-    encoder, with the architecture its config names)."""
-    return EncoderWeights(_unwrap_state_dict(blob, path), path,
-                          arch=_nested_get(blob, "config", "model", "arch"),
-                          in_chans=_nested_get(blob, "config", "model", "in_chans"))
-
-
-def _nested_get(blob: object, *keys: str) -> object:
-    for key in keys:
-        if not isinstance(blob, dict) or key not in blob:
-            return None
-        blob = blob[key]
-    return blob
-
-
-def _unwrap_state_dict(blob: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
-        inner = blob["model"]
-        encoder = {k[len(CHECKPOINT_ENCODER_PREFIX):]: v for k, v in inner.items()
-                   if k.startswith(CHECKPOINT_ENCODER_PREFIX)}
-        return encoder or inner  # a pretrain checkpoint, or a {"model": state_dict} wrapper
-    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
-        return blob["state_dict"]
-    if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
-        return blob
+def _weights_from_torch_file(blob: object, path: Path) -> EncoderWeights:
+    """The encoder weights in a loaded torch file: a pretraining checkpoint's online
+    encoder (with the architecture its config names), else a ``{"state_dict"|"model":
+    ...}`` wrapper's or a plain state dict's tensors."""
+    if isinstance(blob, dict) and {"model", "config", "epoch"} <= set(blob):
+        saved = PretrainCheckpoint.from_dict(blob, path)
+        model = saved.config.get("model", {})
+        return EncoderWeights(saved.encoder_state_dict(), path, arch=model.get("arch"),
+                              in_chans=model.get("in_chans"))
+    if isinstance(blob, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(blob.get(key), dict):
+                blob = blob[key]
+                break
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor)
+                                               for v in blob.values()):
+        return EncoderWeights(blob, path)
     raise ValueError(f"{path}: holds no state dict of tensors")
 
 
@@ -194,25 +181,15 @@ def load_into_encoder(model: nn.Module, weights: EncoderWeights) -> None:
     _adapt_first_conv(model, state, cfg)
     _resample_pos_embed(model, state)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state)
-                         if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong_shape:
+    mismatches = key_mismatches(expected, state)
+    if mismatches:
         arch = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+        # e.g. convnet weights for a ViT: say so before the long key lists
+        unrelated = [] if set(state) & set(expected) else [
+            "no tensor name in common (weights of another kind of network)"]
         raise EncoderMismatchError(
             f"{weights.source} (arch {weights.arch or 'unknown'}) does not fit encoder {arch}: "
-            + "; ".join(filter(None, [
-                # e.g. convnet weights for a ViT: say so before the long key lists
-                "" if set(state) & set(expected) else "no tensor name in common (weights "
-                "of another kind of network)",
-                describe_keys("missing keys", missing),
-                describe_keys("unexpected keys", unexpected),
-                describe_keys("shape mismatch", [
-                    f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                    for k in wrong_shape]),
-            ]))
-        )
+            + "; ".join(unrelated + mismatches))
     model.load_state_dict(state, strict=True)
 
 
@@ -244,9 +221,24 @@ def _resample_pos_embed(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def _as_list(value: object) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    """A timm config entry naming one layer or several."""
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+
+def key_mismatches(expected: dict[str, torch.Tensor],
+                   given: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of ``given`` missing, unexpected or of another shape than in ``expected``, as
+    ``describe_keys`` texts; empty when every key fits."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(given))
+              if tuple(given[k].shape) != tuple(expected[k].shape)]
+    return [text for text in (describe_keys("missing keys", missing),
+                              describe_keys("unexpected keys", unexpected),
+                              describe_keys("shape mismatch", shapes)) if text]
 
 
 def describe_keys(what: str, keys: list[str], limit: int = 8) -> str:

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, SHARDS_KEY, shard_name
+from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, shard_name
+from pretrain.checkpoint_state import read_checkpoint
 from pretrain.probe_log import PROBE_FILE, read_probe_log
 from tests.launching import free_port, torchrun, worker_env
 
@@ -70,9 +71,9 @@ def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path:
 
     # The checkpoint points at one shard per rank; every file loads weights-only.
     folder = zero / CHECKPOINT_DIR
-    latest = torch.load(folder / LATEST, weights_only=True)
-    assert latest["optimizer"] is None and latest["world_size"] == 2
-    shards = sorted((folder / latest[SHARDS_KEY]).iterdir())
+    latest = read_checkpoint(folder / LATEST)
+    assert latest.optimizer is None and latest.world_size == 2 and latest.zero_shards
+    shards = sorted((folder / latest.zero_shards).iterdir())
     assert [p.name for p in shards] == [shard_name(0), shard_name(1)]
     halves = [torch.load(p, weights_only=True) for p in shards]
     sizes = [sum(t.numel() for t in h["single_partition_of_fp32_groups"]) for h in halves]
@@ -80,7 +81,7 @@ def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path:
     assert abs(sizes[0] - sizes[1]) <= 64 and sum(sizes) > trainable  # sharded, not copied
     # Only the latest shards and the kept epoch's copy remain.
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(
-        [latest[SHARDS_KEY], "epoch0001-zero"])
+        [latest.zero_shards, "epoch0001-zero"])
 
     # A run restarted from the kept end-of-epoch-1 checkpoint (weights and sharded
     # optimizer state) finishes exactly like the uninterrupted one.
@@ -116,8 +117,9 @@ def test_one_process_zero1_run_and_the_settings_a_resume_must_keep(prepared: Pat
     done = subprocess.run([*base, "run.backend=deepspeed", "run.zero_stage=1"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    latest = torch.load(out / CHECKPOINT_DIR / LATEST, weights_only=True)
-    assert [p.name for p in (out / CHECKPOINT_DIR / latest[SHARDS_KEY]).iterdir()] == \
+    latest = read_checkpoint(out / CHECKPOINT_DIR / LATEST)
+    assert latest.zero_shards is not None
+    assert [p.name for p in (out / CHECKPOINT_DIR / latest.zero_shards).iterdir()] == \
         [shard_name(0)]
     again = subprocess.run([*base, "optim.epochs=2"], capture_output=True, text=True,
                            timeout=300, env=env)

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster.launch import torchrun_command
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST
+from pretrain.checkpoint_state import read_checkpoint
 from pretrain.optim import scaled_lr
 from tests.launching import (
     free_port,
@@ -72,11 +72,11 @@ def test_elastic_run_resumes_on_fewer_nodes(prepared: Path, tmp_path: Path) -> N
     try:
         while agents[0].poll() is None and time.monotonic() < deadline:
             if killed_at is None and latest.is_file():
-                state = torch.load(latest, weights_only=True)
-                if state["world_size"] == 2 and state["step"] >= 2 and state["epoch"] < 2:
+                state = read_checkpoint(latest, mmap=True)
+                if state.world_size == 2 and state.step >= 2 and state.epoch < 2:
                     for pid in process_tree({agents[1].pid}):  # node 1 and its worker die
                         os.kill(pid, signal.SIGKILL)
-                    killed_at = state["step"]
+                    killed_at = state.step
             time.sleep(0.05)
     finally:
         for agent in agents:
@@ -86,8 +86,8 @@ def test_elastic_run_resumes_on_fewer_nodes(prepared: Path, tmp_path: Path) -> N
     assert killed_at is not None, report()
     assert agents[0].returncode == 0, report()
 
-    final = torch.load(latest, weights_only=True)
-    assert (final["epoch"], final["position"], final["world_size"]) == (EPOCHS, 0, 1), report()
+    final = read_checkpoint(latest)
+    assert (final.epoch, final.position, final.world_size) == (EPOCHS, 0, 1), report()
     info = json.loads((out / "run_info.json").read_text())  # written again at the restart
     assert (info["world_size"], info["global_batch"], info["micro_batch_per_rank"]) == \
         (1, PER_RANK, PER_RANK)
@@ -97,9 +97,9 @@ def test_elastic_run_resumes_on_fewer_nodes(prepared: Path, tmp_path: Path) -> N
     # global batch of the world it ran in: 16 on two nodes, then 8 on one.
     lrs, progress = _scalars(out, "train/lr"), _scalars(out, "train/epoch")
     steps = sorted(lrs)
-    assert steps == list(range(1, final["step"] + 1))
+    assert steps == list(range(1, final.step + 1))
     restart = info["resumed_at_step"]
-    assert killed_at <= restart < final["step"]
+    assert killed_at <= restart < final.step
     for step in steps:
         global_batch = 2 * PER_RANK if step <= restart else PER_RANK
         shape = 0.5 * (1 + math.cos(math.pi * progress[step] / EPOCHS))

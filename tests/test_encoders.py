@@ -108,8 +108,8 @@ def test_vit_and_convnet_weights_do_not_mix(prepared: Path, tmp_path: Path) -> N
     export_backbone(create_encoder("resnet18", 1), resnet_export, config, epochs=0, steps=0)
     config.model.arch, config.model.init = VIT, str(resnet_export)
     with pytest.raises(EncoderMismatchError,
-                       match=rf"\(arch resnet18\) does not fit encoder {VIT}: no tensor name "
-                             r"in common .*missing keys: attn_pool.*unexpected keys: bn1\."):
+                       match=rf"weights are for 'resnet18', the encoder is '{VIT}': "
+                             r"missing keys: attn_pool.*unexpected keys: bn1\."):
         pretrain(config)
     assert not (tmp_path / "vit" / "checkpoints").exists()  # failed before training
 

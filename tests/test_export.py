@@ -117,4 +117,4 @@ def test_export_records_a_relative_init_path_as_absolute(prepared: Path, tmp_pat
                            ("random", "random"), ("timm:resnet18.a1_in1k", "timm:resnet18.a1_in1k"),
                            ("missing.pth", "missing.pth")):
         config.model.init = init
-        assert backbone_meta(config, encoder, epochs=1, steps=1)["init"] == recorded
+        assert backbone_meta(config, encoder, epochs=1, steps=1).init == recorded

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST
+from pretrain.checkpoint_state import read_checkpoint
 from tests.launching import free_port, torchrun, worker_env
 
 STEPS = 12  # 4 epochs of 3 steps
@@ -71,12 +72,12 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared: 
     killed = None
     while process.poll() is None and time.monotonic() < deadline:
         if latest.is_file():
-            state = torch.load(latest, weights_only=True)
-            if 4 <= state["step"] < STEPS - 2 and state["position"] > 0:
+            state = read_checkpoint(latest, mmap=True)
+            if 4 <= state.step < STEPS - 2 and state.position > 0:
                 workers = _children(process.pid)
                 assert len(workers) == 2
                 os.kill(workers[1], signal.SIGKILL)  # rank 1 dies mid-epoch
-                killed = state["step"]
+                killed = state.step
                 break
         time.sleep(0.02)
     assert killed is not None, "the run ended before a worker could be killed"
@@ -84,10 +85,10 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(prepared: 
     # rank 0 of each launch wrote its own event file: the group was restarted
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2
 
-    final = torch.load(latest, weights_only=True)
-    assert (final["epoch"], final["position"], final["step"]) == (4, 0, STEPS)
-    kept = torch.load(run / CHECKPOINT_DIR / "epoch0002.pt", weights_only=True)
-    assert (kept["epoch"], kept["step"]) == (2, 6)
+    final = read_checkpoint(latest)
+    assert (final.epoch, final.position, final.step) == (4, 0, STEPS)
+    kept = read_checkpoint(run / CHECKPOINT_DIR / "epoch0002.pt")
+    assert (kept.epoch, kept.step) == (2, 6)
     # Resumed at its checkpoint's data position and generator states, the run computes
     # what the uninterrupted one computed: same losses from the resume on, same weights.
     expected, resumed = _losses(tmp_path / "reference"), _losses(run)

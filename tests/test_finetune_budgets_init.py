@@ -14,26 +14,27 @@ import timm
 import torch
 
 from cluster.config import ConfigError, load_config
+from data_prep.label_budgets import REFERENCE_SLICE_BUDGETS, budget_subset
+from data_prep.labeled_slices import load_slices, open_split, require_whole_volumes, slice_patients
 from data_prep.manifest import Manifest
-from finetune.budgets import (
-    REFERENCE_SLICE_BUDGETS,
-    budget_subset,
-    epoch_indices,
-    finetune_epoch_samples,
-)
 from finetune.config import FinetuneConfig
-from finetune.data import load_slices, open_split, require_whole_volumes, slice_patients
 from finetune.model import (
     build_finetune_optimizer,
     build_unet,
     initialise_encoder,
     set_encoder_frozen,
 )
+from finetune.oversampling import epoch_indices, finetune_epoch_samples
+from pretrain.encoder_init import EncoderInit
 from pretrain.engine import pretrain
 from pretrain.weights import EncoderMismatchError, WeightsUnavailableError
 from tests.conftest import HubCache, small_pretrain_config
 
 SEEDS = (0, 1, 2, 3, 4)
+
+
+def _init(text: str, arch: str = "resnet18") -> EncoderInit:
+    return EncoderInit.parse(text, arch, "init")
 ACDC_TRAIN_SLICES = 1498  # the reference study's largest budget: the whole training split
 
 
@@ -214,7 +215,7 @@ def test_random_init_leaves_the_encoder_alone() -> None:
     torch.manual_seed(0)
     unet = build_unet("resnet18", 1, 4)
     before = _encoder_state(unet)
-    assert initialise_encoder(unet, "resnet18", 1, "random") == [
+    assert initialise_encoder(unet, "resnet18", 1, _init("random")) == [
         {"init": "random", "kind": "random"}]
     for key, value in unet.encoder.model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -223,13 +224,13 @@ def test_random_init_leaves_the_encoder_alone() -> None:
 def test_timm_init_reads_the_hub_cache(hub_cache: HubCache) -> None:
     saved = hub_cache("resnet18")  # timm's default tag for resnet18 (a1_in1k)
     unet = build_unet("resnet18", 1, 4)
-    chain = initialise_encoder(unet, "resnet18", 1, "timm")
+    chain = initialise_encoder(unet, "resnet18", 1, _init("timm"))
     _assert_imagenet_weights(unet, saved)
     assert chain == [{"init": "timm", "kind": "timm", "weights": "resnet18",
                       "hub_id": "timm/resnet18.a1_in1k"}]
     tagged = build_unet("resnet18", 1, 4)
-    assert initialise_encoder(tagged, "resnet18", 1, "timm:resnet18.a1_in1k")[0]["weights"] \
-        == "resnet18.a1_in1k"
+    chain = initialise_encoder(tagged, "resnet18", 1, _init("timm:resnet18.a1_in1k"))
+    assert chain[0]["weights"] == "resnet18.a1_in1k"
     _assert_imagenet_weights(tagged, saved)
 
 
@@ -237,16 +238,16 @@ def test_timm_init_offline_without_cache_says_how_to_get_the_file(hub_cache: Hub
     unet = build_unet("resnet18", 1, 4)
     before = _encoder_state(unet)
     with pytest.raises(WeightsUnavailableError) as error:
-        initialise_encoder(unet, "resnet18", 1, "timm:resnet18.a1_in1k")
+        initialise_encoder(unet, "resnet18", 1, _init("timm:resnet18.a1_in1k"))
     message = str(error.value)
     assert "https://huggingface.co/timm/resnet18.a1_in1k" in message
     assert "set init to its local path" in message and "model.init" not in message
     for key, value in unet.encoder.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     with pytest.raises(ValueError, match=r"init: Invalid pretrained tag \(nope\)"):
-        initialise_encoder(unet, "resnet18", 1, "timm:resnet18.nope")
-    with pytest.raises(EncoderMismatchError, match="another architecture than the U-Net"):
-        initialise_encoder(unet, "resnet18", 1, "timm:resnet34.a1_in1k")
+        initialise_encoder(unet, "resnet18", 1, _init("timm:resnet18.nope"))
+    with pytest.raises(EncoderMismatchError, match="another architecture than arch 'resnet18'"):
+        initialise_encoder(unet, "resnet18", 1, _init("timm:resnet34.a1_in1k"))
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
@@ -258,7 +259,7 @@ def test_local_timm_named_imagenet_file(tmp_path: Path, fmt: str) -> None:
     else:
         torch.save(saved, path)
     unet = build_unet("resnet18", 1, 4)
-    chain = initialise_encoder(unet, "resnet18", 1, str(path))
+    chain = initialise_encoder(unet, "resnet18", 1, _init(str(path)))
     _assert_imagenet_weights(unet, saved)  # classifier dropped, 3 -> 1 channel stem
     assert [link["kind"] for link in chain] == ["weights file"]
     assert chain[0]["source"] == str(path.resolve())
@@ -269,7 +270,7 @@ def test_unet_encoder_gets_the_exported_weights(pretrain_run: Path) -> None:
     exported = safetensors.torch.load_file(str(pretrain_run / "export" / "backbone.safetensors"))
     for init in (pretrain_run / "export", pretrain_run):  # export folder, or its run folder
         unet = build_unet("resnet18", 1, 4)
-        chain = initialise_encoder(unet, "resnet18", 1, str(init))
+        chain = initialise_encoder(unet, "resnet18", 1, _init(str(init)))
         loaded = unet.encoder.model.state_dict()
         assert set(loaded) == set(exported)
         for key, value in exported.items():
@@ -296,7 +297,7 @@ def test_hierarchical_chain_imagenet_then_export_then_checkpoint(
     exported = safetensors.torch.load_file(str(run_b / "export" / "backbone.safetensors"))
 
     unet = build_unet("resnet18", 1, 4)
-    chain = initialise_encoder(unet, "resnet18", 1, str(run_b / "export"))
+    chain = initialise_encoder(unet, "resnet18", 1, _init(str(run_b / "export")))
     for key, value in unet.encoder.model.state_dict().items():
         assert torch.equal(value, exported[key]), key
     assert [link["kind"] for link in chain] == ["export", "export", "timm"]
@@ -307,8 +308,8 @@ def test_hierarchical_chain_imagenet_then_export_then_checkpoint(
 
     # a kept checkpoint of B: same weights (its only epoch), same history behind it
     kept = build_unet("resnet18", 1, 4)
-    chain = initialise_encoder(kept, "resnet18", 1, str(run_b / "checkpoints" /
-                                                         "epoch0001.pt"))
+    chain = initialise_encoder(kept, "resnet18", 1,
+                               _init(str(run_b / "checkpoints" / "epoch0001.pt")))
     for key, value in kept.encoder.model.state_dict().items():
         assert torch.equal(value, exported[key]), key
     assert [link["kind"] for link in chain] == ["checkpoint", "export", "timm"]
@@ -325,7 +326,7 @@ def test_a_chain_through_a_moved_export_is_marked_unresolved(pretrain_run: Path,
     meta = (export / "backbone.json").read_text().replace('"init": "random"',
                                                           '"init": "gone/export"')
     (export / "backbone.json").write_text(meta)
-    chain = initialise_encoder(build_unet("resnet18", 1, 4), "resnet18", 1, str(export))
+    chain = initialise_encoder(build_unet("resnet18", 1, 4), "resnet18", 1, _init(str(export)))
     assert [(link["kind"], link["init"]) for link in chain] == [
         ("export", str(export)), ("unresolved", "gone/export")]
 
@@ -334,7 +335,7 @@ def _expect_mismatch(unet: torch.nn.Module, arch: str, init: Path, *patterns: st
     """``init`` fails with a message matching every pattern and leaves ``unet`` untouched."""
     before = _encoder_state(unet)
     with pytest.raises(EncoderMismatchError) as error:
-        initialise_encoder(unet, arch, 1, str(init))
+        initialise_encoder(unet, arch, 1, _init(str(init), arch))
     for pattern in patterns:
         assert pattern in str(error.value), (pattern, str(error.value))
     for key, value in unet.encoder.model.state_dict().items():
@@ -346,7 +347,7 @@ def test_incompatible_encoders_fail_listing_the_keys(pretrain_run: Path, tmp_pat
     export = pretrain_run / "export"
     # another architecture (the export says resnet18): names it and lists the keys
     _expect_mismatch(build_unet("resnet34", 1, 4), "resnet34", export,
-                     "weights are for 'resnet18', the U-Net encoder is 'resnet34'",
+                     "weights are for 'resnet18', the encoder is 'resnet34'",
                      "missing keys: layer1.2.")
     state = safetensors.torch.load_file(str(export / "backbone.safetensors"))
     cases = {
@@ -379,7 +380,7 @@ def test_an_export_for_other_input_channels_fails_naming_the_stem(pretrain_run: 
     meta = (pretrain_run / "export" / "backbone.json").read_text()
     (export / "backbone.json").write_text(meta.replace('"in_chans": 1', '"in_chans": 3'))
     _expect_mismatch(build_unet("resnet18", 1, 4), "resnet18", export,
-                     "weights are for 3 input channel(s), the U-Net takes 1",
+                     "weights are for 3 input channel(s), the encoder takes 1",
                      "shape mismatch: conv1.weight (64, 3, 7, 7) vs (64, 1, 7, 7)")
 
 
@@ -436,7 +437,7 @@ def test_config_keys_for_budgets_init_freezing_and_optimizer() -> None:
         "freeze_encoder_epochs=5", "init=timm:resnet50.a1_in1k"])
     assert (config.budget_unit, config.optimizer, config.freeze_encoder_epochs) == (
         "patients", "adam", 5)
-    assert config.timm_weights() == "resnet50.a1_in1k"
+    assert config.encoder_init().timm_name == "resnet50.a1_in1k"
     defaults = FinetuneConfig()
     assert (defaults.budget_unit, defaults.optimizer, defaults.freeze_encoder_epochs,
             defaults.epoch_samples) == ("slices", "adamw", 0, 0)

@@ -14,6 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.augment import augment_view, crop_flip_theta
+from pretrain.checkpoint_state import read_checkpoint
 from pretrain.config import ViewConfig
 from pretrain.engine import pretrain
 from pretrain.model import build_model
@@ -32,10 +33,10 @@ def test_export_loads_into_timm_with_identical_outputs(pretrain_run: Path) -> No
         "resnet18", pretrained=True, num_classes=0, in_chans=1,
         pretrained_cfg_overlay=dict(file=str(export / "backbone.safetensors")),
     ).eval()
-    checkpoint = torch.load(pretrain_run / "checkpoints" / "last.pt", weights_only=True)
+    checkpoint = read_checkpoint(pretrain_run / "checkpoints" / "last.pt")
     config = small_pretrain_config(Path("."), Path("."))
     trained = build_model(config)
-    trained.load_state_dict(checkpoint["model"])
+    trained.load_state_dict(checkpoint.model)
     encoder = trained.online_encoder.eval()
     x = torch.randn(3, 1, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -10,6 +10,7 @@ from pretrain.methods.base import SSLMethod
 from pretrain.methods.byol import BYOL
 from pretrain.methods.simclr import SimCLR
 from pretrain.methods.vicreg import VICReg
+from pretrain.weights import feature_width
 
 
 def build_method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
@@ -20,7 +21,7 @@ def build_method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
 
 
 def _method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
-    features = encoder.num_features
+    features = feature_width(encoder)
     if config.name == "byol":
         return BYOL(encoder, features, config.projector_hidden, config.projection_dim,
                     predictor_hidden=config.predictor_hidden or config.projector_hidden)
@@ -31,8 +32,9 @@ def _method(config: MethodConfig, encoder: nn.Module) -> SSLMethod:
         return BarlowTwins(encoder, features, config.projector_hidden, config.projection_dim,
                            config.lambda_offdiag)
     if config.name == "vicreg":
+        invariance, variance, covariance = config.vicreg_weights  # a YAML list or a tuple
         return VICReg(encoder, features, config.projector_hidden, config.projection_dim,
-                      tuple(config.vicreg_weights))  # type: ignore[arg-type]
+                      (invariance, variance, covariance))
     raise ValueError(f"method.name: unknown method {config.name!r}")
 
 
