@@ -1,4 +1,4 @@
-"""Label budgets: nested random subsets of the annotated training split, and epoch lengths.
+"""Label budgets: nested random subsets of the annotated training split.
 
 A budget counts annotated training slices (the reference study: 1, 3, 7, 15, 30, 75,
 150, 300, 749, 1498) or annotated patients (every labeled slice of each chosen patient).
@@ -6,7 +6,7 @@ For one seed the subsets are nested -- the 30-slice subset contains the 15-slice
 4-patient subset the 2-patient one -- because each is a prefix of one seeded permutation,
 so curves across budgets compare like with like. Subsets index the training split only;
 the prepared store keeps splits apart by patient, so no validation or test patient can
-enter a budget.
+enter a budget. Fine-tuning trains on these subsets; the pretraining probe uses one too.
 """
 
 from __future__ import annotations
@@ -60,31 +60,6 @@ def nested_patient_subset(patients: np.ndarray, budget: int, seed: int,
         return np.arange(len(patients))
     chosen = names[_permutation(len(names), seed, "patients")[:budget]]
     return np.flatnonzero(np.isin(patients, chosen))
-
-
-def finetune_epoch_samples(subset_size: int, epoch_samples: int) -> int:
-    """Samples in one epoch: ``epoch_samples`` when the subset is smaller (oversampling),
-    otherwise the subset itself, so that every selected slice is seen each epoch.
-
-    ``epoch_samples == 0`` turns oversampling off. With ``epoch_samples`` at least the
-    largest budget of a sweep (the reference study: the whole training split), every
-    budget trains for the same number of steps per epoch.
-    """
-    if subset_size < 1:
-        raise ValueError("an empty label subset has no epochs")
-    return max(epoch_samples, subset_size)
-
-
-def epoch_indices(subset: np.ndarray, epoch_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """One epoch's sample order: ``subset`` shuffled, tiled to ``finetune_epoch_samples``.
-
-    Tiling whole permutations (rather than drawing with replacement) keeps every slice's
-    count within one of every other's, so an oversampled small budget is not skewed.
-    """
-    count = finetune_epoch_samples(len(subset), epoch_samples)
-    repeats = -(-count // len(subset))
-    order = np.concatenate([rng.permutation(subset) for _ in range(repeats)])
-    return order[:count]
 
 
 def _permutation(n: int, seed: int, unit: BudgetUnit) -> np.ndarray:

@@ -33,7 +33,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class SegmentationMetrics:
         self._volumes: dict[str, _Volume] = {}
 
     def update(self, prediction: np.ndarray, target: np.ndarray, volume_ids: Sequence[str],
-               slice_positions: Sequence[int], spacings: np.ndarray) -> None:
+               slice_positions: Sequence[int] | np.ndarray, spacings: np.ndarray) -> None:
         """Add a batch: ``prediction`` and ``target`` are (B, H, W) integer class maps,
         ``slice_positions`` each slice's index in its volume, ``spacings`` (B, 3) mm in
         the store's (x, y, slice) order."""
@@ -83,7 +83,8 @@ class SegmentationMetrics:
             self._add_to_volume(str(volume), int(position), spacing, counts, pred, true)
 
     def _check_batch(self, prediction: np.ndarray, target: np.ndarray,
-                     volume_ids: Sequence[str], slice_positions: Sequence[int]) -> None:
+                     volume_ids: Sequence[str],
+                     slice_positions: Sequence[int] | np.ndarray) -> None:
         if prediction.ndim != 3 or prediction.shape != target.shape:
             raise ValueError("prediction and target must be (B, H, W) of one shape, got "
                              f"{prediction.shape} and {target.shape}")
@@ -212,8 +213,17 @@ def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return hot[None]
 
 
-def nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray:
-    """``np.nanmean`` that returns NaN for all-NaN slices without a warning."""
+@overload
+def nanmean(values: np.ndarray, axis: None = None) -> np.floating: ...
+
+
+@overload
+def nanmean(values: np.ndarray, axis: int) -> np.ndarray: ...
+
+
+def nanmean(values: np.ndarray, axis: int | None = None) -> np.floating | np.ndarray:
+    """``np.nanmean`` that returns NaN for all-NaN slices without a warning: a scalar
+    over all values, an array along ``axis``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(values, axis=axis)

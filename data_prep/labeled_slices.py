@@ -69,8 +69,8 @@ def _read_bulk(store: LabeledSlices, chosen: np.ndarray) -> tuple[np.ndarray, np
     sorted, de-duplicated selection lets zarr decode each needed chunk once.
     """
     unique, inverse = np.unique(chosen, return_inverse=True)
-    raw = store.group["image"].oindex[unique]
-    masks = store.group["mask"].oindex[unique]
+    raw = np.asarray(store.column("image").oindex[unique])
+    masks = np.asarray(store.column("mask").oindex[unique])
     norm = store.norm
     images = np.stack([apply_norm(raw[k], norm[i]) for k, i in enumerate(unique)])
     return images[inverse], masks[inverse]
