@@ -48,9 +48,9 @@ from monai.losses import DiceCELoss
 from sweep_overhead import make_phantom
 from timing import timed_runs
 
+from data_prep.labeled_slices import load_slices
 from data_prep.manifest import Manifest
 from finetune.config import FinetuneConfig
-from finetune.data import load_slices
 from finetune.device_data import place_splits
 from finetune.model import build_unet
 from finetune.step import autocast, build_step

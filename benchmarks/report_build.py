@@ -1,16 +1,17 @@
 """Study report build time on a generated 600-run sweep (issue target: < 30 s on 2 cores).
 
 A real 600-run sweep takes days of GPU time, so the runs are generated instead: one
-``metrics.json`` per run, in the layout and with the keys ``finetune.train`` writes
-(per-epoch records, convergence block, test block with its volume summary, the config as
+``metrics.json`` per run, built and written as ``finetune.train`` does it (a
+``finetune.run_metrics.RunMetrics`` of per-epoch records, validation and convergence
+blocks, a test block with its volume summary, the config as
 ``cluster.config.to_dict(FinetuneConfig(...))``), plus the ``row.json`` and
 ``epochs.csv`` that ``finetune.outputs`` writes next to it. Default grid: 6 inits × 10
-label budgets (1–1498 slices) × 10 seeds, 150 epochs, classes RV/MYO/LV. Curves rise
-with epochs and level off higher for larger budgets and better inits; a seed's label
-subset is shared by all inits (paired), as in a sweep. The convergence block is computed
-by ``finetune.convergence.convergence_metrics`` from the generated curve, so it agrees
-with it. ``config.data`` points to a path that does not exist, so the overlay grid
-cannot be drawn.
+label budgets (1–1498 slices) × 10 seeds, 150 epochs (every one validated), classes
+RV/MYO/LV. Curves rise with epochs and level off higher for larger budgets and better
+inits; a seed's label subset is shared by all inits (paired), as in a sweep. The
+convergence block is computed by ``RunMetrics.summarise`` from the generated curve, as
+for a real run. ``config.data`` points to a path that does not exist, so the overlay
+grid cannot be drawn.
 
 The report is then timed in a fresh Python process (a report command is one), so the
 first import of the report stack is measured, not hidden by this script's own imports:
@@ -46,7 +47,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.run_metrics import RunMetrics
 
 INITS = ("random", "imagenet", "simclr", "vicreg", "barlow", "byol")
 # how much an init helps (0: random): sets plateau height, label needs and speed
@@ -79,13 +83,12 @@ def init_fields(name: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def run_metrics(init: str, index: int, budget: int, seed: int, epochs: int,
-                budgets: Sequence[int], run_dir: Path, base_seed: int) -> dict[str, Any]:
-    """One complete run's metrics dict, as ``finetune.train._metrics`` returns it."""
+                budgets: Sequence[int], run_dir: Path, base_seed: int) -> RunMetrics:
+    """One complete run's metrics, as ``finetune.train.fine_tune`` returns them."""
     import numpy as np
 
-    from cluster.config import to_dict
     from finetune.config import FinetuneConfig
-    from finetune.convergence import convergence_metrics
+    from finetune.run_metrics import EpochRecord, RunMetrics, TestMetrics
     from pretrain.schedules import warmup_cosine
 
     q = QUALITY.get(init, 0.5)
@@ -117,17 +120,18 @@ def run_metrics(init: str, index: int, budget: int, seed: int, epochs: int,
     for k in range(epochs):
         step = (k + 1) * steps_per_epoch
         dice_k = per_class[k]
-        records.append({
-            "epoch": k + 1, "step": step, "seconds": round(float(seconds[k]), 3),
-            "train_loss": float(loss[k]),
-            "lr": warmup_cosine(step - 1, total_steps, steps_per_epoch, 1e-4),
-            "encoder_frozen": False,
-            "train_images_per_s": round(float(images_per_s[k]), 2),
-            "val_dice": float(val_dice[k]),
-            "val_iou": float(np.mean(dice_k / (2 - dice_k))),
-            "val_dice_per_class": {c: float(v) for c, v in zip(CLASSES, dice_k)},
-            "val_slice_dice": float(np.clip(val_dice[k] - 0.03 + own.normal(0, 0.005), 0, 1)),
-        })
+        records.append(EpochRecord(
+            epoch=k + 1, step=step, seconds=round(float(seconds[k]), 3),
+            train_loss=float(loss[k]),
+            lr=warmup_cosine(step - 1, total_steps, steps_per_epoch, 1e-4),
+            encoder_frozen=False,
+            train_images_per_s=round(float(images_per_s[k]), 2),
+            validated=True,
+            val_dice=float(val_dice[k]),
+            val_iou=float(np.mean(dice_k / (2 - dice_k))),
+            val_dice_per_class={c: float(v) for c, v in zip(CLASSES, dice_k)},
+            val_slice_dice=float(np.clip(val_dice[k] - 0.03 + own.normal(0, 0.005), 0, 1)),
+        ))
 
     best = int(np.argmax(val_dice))
     test_dice = np.clip(per_class[best] - 0.01
@@ -139,21 +143,15 @@ def run_metrics(init: str, index: int, budget: int, seed: int, epochs: int,
                "slice_iou": _aggregate(np.clip(test_iou - 0.03, 0, 1)),
                "volume_dice": _aggregate(test_dice), "volume_iou": _aggregate(test_iou),
                "volume_hd95_mm": _aggregate(hd95)}
-    test = {"dice": summary["volume_dice"]["mean"], "iou": summary["volume_iou"]["mean"],
-            "hd95_mm": summary["volume_hd95_mm"]["mean"],
-            "dice_per_class": summary["volume_dice"]["per_class"], "summary": summary}
+    test = TestMetrics(dice=summary["volume_dice"]["mean"], iou=summary["volume_iou"]["mean"],
+                       hd95_mm=summary["volume_hd95_mm"]["mean"],
+                       dice_per_class=summary["volume_dice"]["per_class"], summary=summary)
     config_init, chain = init_fields(init)
     config = FinetuneConfig(data=MISSING_DATA, out=str(run_dir), arch=ARCH, init=config_init,
                             init_name=init, budget=budget, seed=seed, epochs=epochs,
                             batch_size=BATCH, epoch_samples=epoch_samples, progress=False)
-    return {
-        "init": init, "arch": ARCH, "budget": budget, "budget_unit": "slices",
-        "train_slices": budget, "init_chain": chain, "seed": seed, "epochs": records,
-        "convergence": convergence_metrics(val_dice.tolist(), [r["step"] for r in records],
-                                           [r["seconds"] for r in records],
-                                           config.dice_targets),
-        "test": test, "complete": True, "run_dir": str(run_dir), "config": to_dict(config),
-    }
+    return RunMetrics.summarise(config, records, train_slices=budget, init_chain=chain,
+                                test=test)
 
 
 def _aggregate(values: Any) -> dict[str, Any]:
@@ -166,8 +164,8 @@ def _aggregate(values: Any) -> dict[str, Any]:
 def generate(runs: Path, inits: Sequence[str], budgets: Sequence[int], seeds: int,
              epochs: int, base_seed: int = 0) -> int:
     """Write every run folder under ``runs`` (replacing it); return the number of runs."""
-    from finetune.outputs import EPOCHS_FILE, ROW_FILE, epochs_csv, result_row
-    from finetune.train import METRICS_FILE
+    from finetune.outputs import write_outputs
+    from finetune.run_metrics import write_run_metrics
 
     shutil.rmtree(runs, ignore_errors=True)
     count = 0
@@ -178,11 +176,9 @@ def generate(runs: Path, inits: Sequence[str], budgets: Sequence[int], seeds: in
                 run_dir.mkdir(parents=True)
                 metrics = run_metrics(init, index, budget, seed, epochs, budgets, run_dir,
                                       base_seed)
-                # as train_run writes them: row and curve first, metrics.json (indent 2) last
-                (run_dir / ROW_FILE).write_text(json.dumps(result_row(metrics), indent=2)
-                                                + "\n")
-                (run_dir / EPOCHS_FILE).write_text(epochs_csv(metrics))
-                (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+                # as fine_tune writes them: row and curve first, metrics.json last
+                write_outputs(run_dir, metrics)
+                write_run_metrics(run_dir, metrics)
                 count += 1
     return count
 
@@ -360,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_generate:
         count = generate(runs, INITS[:args.inits], args.budgets, args.seeds, args.epochs)
     else:
-        count = sum(1 for _ in runs.rglob("metrics.json"))
+        from finetune.run_metrics import METRICS_FILE
+
+        count = sum(1 for _ in runs.rglob(METRICS_FILE))
     generate_s = time.perf_counter() - begin
     print(f"{count} runs in {runs} ({generate_s:.1f} s)", flush=True)
 

@@ -45,6 +45,7 @@ from cluster.ray_local import prepare_local_environment
 from data_prep.phantom import PhantomConfig, write_acdc_tree
 from data_prep.prepare import PrepareConfig, prepare_dataset
 from finetune.grid import run_grid
+from finetune.run_metrics import METRICS_FILE, read_run_metrics
 from finetune.sweep_config import (
     TRIAL_FILE,
     SweepConfig,
@@ -53,7 +54,7 @@ from finetune.sweep_config import (
     load_sweep_config,
     plan_trials,
 )
-from finetune.train import METRICS_FILE, read_starts
+from finetune.train import read_starts
 
 INIT = {"random": "random"}
 
@@ -177,14 +178,14 @@ def trial_times(trials: list[Trial], serial_begin: float | None) -> list[TrialTi
     rows = []
     for trial in trials:
         run = Path(trial.run_dir)
-        metrics = json.loads((run / METRICS_FILE).read_text())
+        metrics = read_run_metrics(run / METRICS_FILE)
         info_path = run / TRIAL_FILE
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         # the trial's last write: sweep_trial.json (Ray, after train_run) or metrics.json
         end = (info_path if info else run / METRICS_FILE).stat().st_mtime
         begin = end - info["wall_seconds"] if "wall_seconds" in info else float("nan")
         rows.append(TrialTimes(begin, read_starts(run)[0]["time"], end,
-                               metrics["epochs"][-1]["seconds"], info.get("torch_threads")))
+                               metrics.epochs[-1].seconds, info.get("torch_threads")))
     rows.sort(key=lambda t: t.end)
     if serial_begin is not None:
         previous = serial_begin

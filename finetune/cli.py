@@ -87,8 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from finetune.demo import DemoConfig, run_demo
 
-        config = load_config(DemoConfig, None, [*args.overrides, f"out={args.out}"])
-        report = run_demo(config)
+        demo = load_config(DemoConfig, None, [*args.overrides, f"out={args.out}"])
+        report = run_demo(demo)
         print(report.resolve())
         return 0
     raise AssertionError(args.command)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from finetune.data import SliceSet
+from data_prep.labeled_slices import SliceSet
 
 
 @dataclass

@@ -109,9 +109,9 @@ def _tables(study: StudyRuns, baseline: str, targets: list[float],
 
 
 def _curves(study: StudyRuns) -> pd.DataFrame:
-    rows = [{"init": m["init"], "budget": m["budget"], "seed": m["seed"],
-             "epoch": e["epoch"], "val_dice": e["val_dice"]}
-            for m in study.metrics for e in m["epochs"] if e["val_dice"] is not None]
+    rows = [{"init": m.init, "budget": m.budget, "seed": m.seed,
+             "epoch": e.epoch, "val_dice": e.val_dice}
+            for m in study.metrics for e in m.validated_epochs]
     return pd.DataFrame(rows)
 
 

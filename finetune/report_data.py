@@ -3,12 +3,12 @@
 A report must not silently drop what did not finish, nor pool runs that cannot be
 compared. Unfinished runs (a metrics file not marked complete, or a sweep trial with no
 metrics at all) are listed; runs of different budget units, datasets or class sets are
-refused with the runs that disagree named.
+refused with the runs that disagree named, and so is a metrics file that cannot be read
+(invalid, another layout or version): its path and the key are named.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +17,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from finetune.outputs import METRICS_FILE, result_row
+from finetune.outputs import result_row
 from finetune.report_stats import pretraining_epochs, pretraining_series
+from finetune.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
 
 SWEEP_CONFIG = "sweep.yaml"  # finetune.sweep writes the resolved config under this name
 
@@ -35,17 +36,17 @@ class StudyRuns:
     ``pretrain_epochs``) and as their metrics, and what did not finish."""
 
     frame: pd.DataFrame
-    metrics: list[dict[str, Any]]
+    metrics: list[RunMetrics]
     unfinished: list[Unfinished] = field(default_factory=list)
     sweep: dict[str, Any] | None = None  # the sweep's resolved config, when read from one
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.metrics[0]["test"]["dice_per_class"]) if self.metrics else []
+        return self.metrics[0].class_names if self.metrics else []
 
     @property
     def data(self) -> str | None:
-        return self.metrics[0]["config"].get("data") if self.metrics else None
+        return self.metrics[0].config.get("data") if self.metrics else None
 
 
 def load_study(path: str | Path) -> StudyRuns:
@@ -58,51 +59,51 @@ def load_study(path: str | Path) -> StudyRuns:
     metrics, unfinished = [], []
     for metrics_path in sorted(path.rglob(METRICS_FILE)):
         try:
-            loaded = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            loaded = read_run_metrics(metrics_path)
+        except OSError as exc:
             raise ValueError(f"{metrics_path}: not a readable metrics file ({exc})") from None
-        if loaded.get("complete"):
-            loaded["run_dir"] = str(metrics_path.parent.resolve())
+        # where the run is now, not where it was written (a copied or moved study)
+        loaded.run_dir = str(metrics_path.parent.resolve())
+        if loaded.complete:
             metrics.append(loaded)
         else:
-            epochs = len(loaded.get("epochs") or [])
-            planned = (loaded.get("config") or {}).get("epochs", "?")
-            unfinished.append(Unfinished(str(metrics_path.parent.resolve()),
-                                         f"stopped after epoch {epochs} of {planned}"))
+            planned = loaded.config.get("epochs", "?")
+            unfinished.append(Unfinished(loaded.run_dir, f"stopped after epoch "
+                                                         f"{len(loaded.epochs)} of {planned}"))
     if sweep is not None:
-        unfinished += _missing_trials(sweep, {m["run_dir"] for m in metrics}
+        unfinished += _missing_trials(sweep, {m.run_dir for m in metrics}
                                       | {u.run_dir for u in unfinished})
     check_comparable(metrics)
     frame = pd.DataFrame([_row(m) for m in metrics])
     return StudyRuns(frame, metrics, unfinished, sweep)
 
 
-def check_comparable(metrics: list[dict[str, Any]]) -> None:
+def check_comparable(metrics: list[RunMetrics]) -> None:
     """Refuse runs that do not share one budget unit, one dataset and one class set."""
     for what, key in (("budget units", _unit), ("datasets", _dataset),
                       ("class sets", _classes)):
         groups: dict[str, str] = {}
         for run in metrics:
-            groups.setdefault(key(run), run["run_dir"])
+            groups.setdefault(key(run), run.run_dir)
         if len(groups) > 1:
             named = "; ".join(f"{value} (e.g. {run_dir})" for value, run_dir in groups.items())
             raise ValueError(f"the runs mix {what}: {named}; report each on its own")
 
 
-def _unit(run: dict[str, Any]) -> str:
-    return str(run.get("budget_unit", "slices"))
+def _unit(run: RunMetrics) -> str:
+    return run.budget_unit
 
 
-def _dataset(run: dict[str, Any]) -> str:
-    data = (run.get("config") or {}).get("data")
+def _dataset(run: RunMetrics) -> str:
+    data = run.config.get("data")
     return str(Path(data).resolve()) if data else "(unknown)"
 
 
-def _classes(run: dict[str, Any]) -> str:
-    return ", ".join((run.get("test") or {}).get("dice_per_class") or {})
+def _classes(run: RunMetrics) -> str:
+    return ", ".join(run.class_names)
 
 
-def _row(metrics: dict[str, Any]) -> dict[str, Any]:
+def _row(metrics: RunMetrics) -> dict[str, Any]:
     row = result_row(metrics)
     row["pretrain_epochs"] = pretraining_epochs(str(row["init"]))
     return row
@@ -120,7 +121,7 @@ def _missing_trials(sweep: dict[str, Any], seen: set[str]) -> list[Unfinished]:
             if t.run_dir not in seen]
 
 
-def probe_curves(metrics: list[dict[str, Any]]) -> pd.DataFrame:
+def probe_curves(metrics: list[RunMetrics]) -> pd.DataFrame:
     """The live segmentation probe's curve of each pretraining series' run: ``series,
     epoch, step, dice`` (empty when no series' run probed). A series member's init is a
     kept checkpoint ``RUN/checkpoints/epochNNNN.pt``; its run's ``probe.csv`` sits in RUN.
@@ -129,11 +130,11 @@ def probe_curves(metrics: list[dict[str, Any]]) -> pd.DataFrame:
 
     rows, seen = [], set()
     for run in metrics:
-        epochs = pretraining_epochs(str(run["init"]))
-        chain = run.get("init_chain") or []
+        epochs = pretraining_epochs(run.init)
+        chain = run.init_chain
         if math.isnan(epochs) or not chain or chain[0].get("kind") != "checkpoint":
             continue  # NaN: not a series member
-        series = pretraining_series(str(run["init"]))
+        series = pretraining_series(run.init)
         pretrain_run = Path(chain[0]["init"]).parent.parent
         if (series, pretrain_run) in seen:
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib import ticker
+from matplotlib.colors import ListedColormap
 
 from cluster.atomic import atomic_path
 
@@ -28,7 +30,9 @@ class Palette:
 
     def __init__(self, inits: Sequence[str], baseline: str | None = None) -> None:
         ordered = sorted(set(inits), key=lambda name: (name != baseline, name))
-        colours = plt.get_cmap("tab10" if len(ordered) <= 10 else "tab20").colors
+        # the qualitative maps are ListedColormaps: a fixed list of colours
+        cmap = cast(ListedColormap, plt.get_cmap("tab10" if len(ordered) <= 10 else "tab20"))
+        colours = [tuple(float(c) for c in colour) for colour in cast(list, cmap.colors)]
         self.order = ordered
         self._style = {name: (colours[i % len(colours)], _MARKERS[i % len(_MARKERS)])
                        for i, name in enumerate(ordered)}

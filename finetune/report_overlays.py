@@ -9,7 +9,6 @@ most foreground, so every class shows.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -19,30 +18,31 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from finetune.data import load_slices
+from data_prep.labeled_slices import load_slices
 from finetune.device_data import DeviceSlices
 from finetune.model import build_unet
 from finetune.overlays import CLASS_COLOURS
 from finetune.report_figures import Palette, save
+from finetune.run_metrics import RunMetrics
 from finetune.train import BEST_WEIGHTS, predict
 
 
-def overlay_grid(metrics: list[dict[str, Any]], palette: Palette, path: Path,
+def overlay_grid(metrics: list[RunMetrics], palette: Palette, path: Path,
                  slices: int = 4) -> Path | None:
     """Write the grid; None (nothing written) when the dataset or weights are gone."""
-    lowest = min(run["budget"] for run in metrics)
-    chosen: dict[str, dict[str, Any]] = {}
-    for run in sorted(metrics, key=lambda r: r["seed"]):
-        if run["budget"] == lowest:
-            chosen.setdefault(run["init"], run)
+    lowest = min(run.budget for run in metrics)
+    chosen: dict[str, RunMetrics] = {}
+    for run in sorted(metrics, key=lambda r: r.seed):
+        if run.budget == lowest:
+            chosen.setdefault(run.init, run)
     inits = [init for init in palette.order if init in chosen]
-    data = chosen[inits[0]]["config"]["data"]
+    data = chosen[inits[0]].config["data"]
     if not Path(data).is_dir() or not all(
-            (Path(chosen[i]["run_dir"]) / BEST_WEIGHTS).is_file() for i in inits):
+            (Path(chosen[i].run_dir) / BEST_WEIGHTS).is_file() for i in inits):
         return None
     test = load_slices(data, "test")
     picked = _most_foreground(test.masks, test.volumes, slices)
-    class_names = list(chosen[inits[0]]["test"]["dice_per_class"])
+    class_names = chosen[inits[0]].class_names
     predictions = {init: _predict(chosen[init], test.images[picked], len(class_names) + 1)
                    for init in inits}
     columns = 2 + len(inits)
@@ -52,7 +52,7 @@ def overlay_grid(metrics: list[dict[str, Any]], palette: Palette, path: Path,
     for row, index in enumerate(picked.tolist()):
         image = test.images[index, 0].numpy()
         panels = [("image", None), ("ground truth", test.masks[index].numpy())]
-        panels += [(f"{init} (seed {chosen[init]['seed']})", predictions[init][row].numpy())
+        panels += [(f"{init} (seed {chosen[init].seed})", predictions[init][row].numpy())
                    for init in inits]
         for ax, (title, labels) in zip(axes[row], panels):
             ax.imshow(image, cmap="gray")
@@ -77,15 +77,20 @@ def _most_foreground(masks: torch.Tensor, volumes: list[str], count: int) -> tor
     """The slices with the most foreground, one per volume first (different patients and
     frames show more than neighbouring slices of one volume), then the next best."""
     order = torch.argsort((masks > 0).flatten(1).sum(1), descending=True).tolist()
+    first: list[int] = []
     seen: set[str] = set()
-    first = [i for i in order if volumes[i] not in seen and not seen.add(volumes[i])]
-    rest = [i for i in order if i not in set(first)]
+    for index in order:
+        if volumes[index] not in seen:
+            seen.add(volumes[index])
+            first.append(index)
+    chosen = set(first)
+    rest = [i for i in order if i not in chosen]
     return torch.tensor((first + rest)[:count])
 
 
-def _predict(run: dict[str, Any], images: torch.Tensor, num_classes: int) -> torch.Tensor:
-    model = build_unet(run["arch"], images.shape[1], num_classes)
-    state = safetensors.torch.load_file(str(Path(run["run_dir"]) / BEST_WEIGHTS))
+def _predict(run: RunMetrics, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    model = build_unet(run.arch, images.shape[1], num_classes)
+    state = safetensors.torch.load_file(str(Path(run.run_dir) / BEST_WEIGHTS))
     model.load_state_dict(state)
     cpu = torch.device("cpu")
     return predict(model, DeviceSlices.images_only(images, cpu), cpu, batch_size=len(images))

@@ -47,7 +47,8 @@ class SweepConsole(Callback):
         self._stream = stream  # None: this process's stdout (Tune pickles the callback)
         self.started = self.last_table = time.monotonic()
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Any = None, num_samples: int | None = None,
+              total_num_samples: int | None = None, **info: Any) -> None:
         # also runs when a restored experiment starts again, in a new driver process
         self.started = self.last_table = time.monotonic()
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pandas as pd
 
-from finetune.outputs import METRICS_FILE, result_row
+from finetune.outputs import result_row
 from finetune.report import ReportSettings, build_report, write_table
+from finetune.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
 from finetune.sweep_config import TRIAL_FILE, SweepConfig, Trial
 from finetune.train import read_starts
 
@@ -27,7 +28,7 @@ REPORT_FOLDER = "report"
 @dataclass
 class SweepResults:
     rows: list[dict[str, Any]]  # finished trials
-    runs: list[dict[str, Any]]  # their metrics.json, for the report
+    runs: list[RunMetrics]  # their metrics.json, for the report
     unfinished: list[Trial]
 
     @property
@@ -35,12 +36,14 @@ class SweepResults:
         return not self.unfinished
 
 
-def finished_metrics(trial: Trial) -> dict[str, Any] | None:
+def finished_metrics(trial: Trial) -> RunMetrics | None:
+    """The trial's metrics when its run is complete; None when it has not finished (a
+    metrics file that cannot be read is an error naming it)."""
     path = Path(trial.run_dir) / METRICS_FILE
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
-    return metrics if metrics.get("complete") else None
+    metrics = read_run_metrics(path)
+    return metrics if metrics.complete else None
 
 
 def gather(trials: list[Trial]) -> SweepResults:
@@ -55,7 +58,7 @@ def gather(trials: list[Trial]) -> SweepResults:
     return SweepResults(rows, runs, unfinished)
 
 
-def _row(trial: Trial, metrics: dict[str, Any]) -> dict[str, Any]:
+def _row(trial: Trial, metrics: RunMetrics) -> dict[str, Any]:
     run_dir = Path(trial.run_dir)
     info_path = run_dir / TRIAL_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}

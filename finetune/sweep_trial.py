@@ -24,8 +24,10 @@ from ray import tune
 from cluster.atomic import atomic_write_json
 from cluster.config import from_dict
 from finetune.config import FinetuneConfig
+from finetune.run_checkpoint import LAST_CHECKPOINT, load_checkpoint
+from finetune.run_metrics import METRICS_FILE, EpochRecord, read_run_metrics
 from finetune.sweep_config import FAULT_ENV, TRIAL_FILE, Trial
-from finetune.train import LAST_CHECKPOINT, train_run
+from finetune.train import fine_tune
 
 POINTER_FILE = "position.json"
 
@@ -56,29 +58,29 @@ def run_trial(config: dict[str, Any]) -> None:
     fault = _fault_epoch(trial, run_dir)
     every = finetune.checkpoint_every
 
-    def report_epoch(record: dict[str, Any]) -> None:
+    def report_epoch(record: EpochRecord) -> None:
         info["wall_seconds"] = round(previous_seconds + time.monotonic() - started, 3)
         atomic_write_json(run_dir / TRIAL_FILE, info)
         metrics = _epoch_metrics(record)
-        if every and record["epoch"] % every == 0:
+        if every and record.epoch % every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 atomic_write_json(Path(folder) / POINTER_FILE,
-                                  {"run_dir": str(run_dir), "epoch": record["epoch"]})
+                                  {"run_dir": str(run_dir), "epoch": record.epoch})
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         else:
             tune.report(metrics)
-        if fault is not None and record["epoch"] == fault:
+        if fault is not None and record.epoch == fault:
             (run_dir / ".fault-injected").touch()
             raise InjectedFault(f"{FAULT_ENV}: injected failure after epoch {fault}")
 
     context = {"trial": trial.key, "node_id": node_id, "torch_threads": torch.get_num_threads(),
                "ray_trial_id": tune.get_context().get_trial_id()}
-    metrics = train_run(finetune, on_epoch=report_epoch, start_context=context)
+    metrics = fine_tune(finetune, on_epoch=report_epoch, start_context=context)
     info["wall_seconds"] = round(previous_seconds + time.monotonic() - started, 3)
     atomic_write_json(run_dir / TRIAL_FILE, info)
-    test = metrics["test"] or {}
-    tune.report({"epoch": len(metrics["epochs"]), "val_dice": metrics["convergence"]["best_dice"],
-                 "test_dice": test.get("dice"), "complete": True})
+    tune.report({"epoch": len(metrics.epochs),
+                 "val_dice": (metrics.convergence or {}).get("best_dice"),
+                 "test_dice": metrics.test.dice if metrics.test else None, "complete": True})
 
 
 def cap_cuda_memory(fraction: float, cuda: Any = torch.cuda) -> float:
@@ -98,12 +100,12 @@ def _assigned_resources() -> tuple[float, float]:
     return float(assigned.get("CPU", 1.0)), float(assigned.get("GPU", 0.0))
 
 
-def _epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    reported = {"epoch": record["epoch"], "train_loss": record["train_loss"],
-                "images_per_s": record["train_images_per_s"], "seconds": record["seconds"],
+def _epoch_metrics(record: EpochRecord) -> dict[str, Any]:
+    reported = {"epoch": record.epoch, "train_loss": record.train_loss,
+                "images_per_s": record.train_images_per_s, "seconds": record.seconds,
                 "complete": False}
-    if record["val_dice"] is not None:  # an epoch between validations (val_every) has none
-        reported["val_dice"] = record["val_dice"]
+    if record.val_dice is not None:  # an epoch between validations (val_every) has none
+        reported["val_dice"] = record.val_dice
     return reported
 
 
@@ -124,15 +126,20 @@ def _check_pointer(run_dir: Path) -> None:
         raise RuntimeError(f"Tune checkpoint names run folder {pointer['run_dir']}, "
                            f"this trial's is {run_dir}")
     last = run_dir / LAST_CHECKPOINT
-    saved = len(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["history"]) \
-        if last.is_file() else None
-    if saved is None and not (run_dir / "metrics.json").is_file():
+    checkpoint = load_checkpoint(last, mmap=True)
+    saved = checkpoint.epochs if checkpoint is not None else None
+    if saved is None and not _complete(run_dir):  # a complete run has deleted its last.pt
         raise RuntimeError(f"{run_dir}: Tune checkpoint is at epoch {pointer['epoch']} but "
-                           f"the run folder holds no {LAST_CHECKPOINT}; is storage shared "
-                           "by every node?")
+                           f"the run folder holds no {LAST_CHECKPOINT} and no complete "
+                           f"{METRICS_FILE}; is storage shared by every node?")
     if saved is not None and saved < pointer["epoch"]:
         raise RuntimeError(f"{last} holds {saved} epochs, Tune's checkpoint "
                            f"{pointer['epoch']}: the run folder lost epochs")
+
+
+def _complete(run_dir: Path) -> bool:
+    path = run_dir / METRICS_FILE
+    return path.is_file() and read_run_metrics(path).complete
 
 
 def _fault_epoch(trial: Trial, run_dir: Path) -> int | None:

@@ -1,4 +1,17 @@
-"""One fine-tuning run: a U-Net on a label budget, validated every epoch."""
+"""One fine-tuning run: a U-Net on a label budget, validated every epoch.
+
+``fine_tune`` calls its parts in this order, each usable on its own:
+
+- ``prepare_run``: the label-budget subset and the splits, the U-Net with its encoder
+  init, the training step and the ``TrainingPlan`` (samples, steps, learning rates);
+- ``resume``: an interrupted run's progress from its ``last.pt`` (``run_checkpoint``),
+  model and optimizer state restored;
+- per epoch ``run_epoch``: ``train_epoch`` (the hot loop: the loss stays on the device
+  and is read once per epoch), ``evaluate`` when the epoch is due for validation and
+  ``epoch_record``; then ``save_epoch``: best weights, ``last.pt``, ``metrics.json``;
+- ``finish_run``: the best epoch's weights on the test split, overlays, ``row.json`` and
+  ``epochs.csv``, then ``metrics.json`` marked complete, written last.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,35 +31,128 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from cluster.atomic import atomic_path, atomic_write_json
+from cluster.atomic import atomic_path
 from cluster.config import to_dict
 from cluster.run_dir import write_run_info
+from data_prep.label_budgets import budget_subset
+from data_prep.labeled_slices import SliceSet, load_slices, require_whole_volumes, slice_patients
 from data_prep.manifest import Manifest
-from finetune.budgets import budget_subset, epoch_indices, finetune_epoch_samples
+from data_prep.segmentation_metrics import SegmentationMetrics
 from finetune.config import FinetuneConfig
-from finetune.convergence import convergence_metrics
-from finetune.data import SliceSet, load_slices, require_whole_volumes, slice_patients
 from finetune.device_data import DeviceSlices, place, place_splits
-from finetune.metrics import SegmentationMetrics
 from finetune.model import build_unet, initialise_encoder, set_encoder_frozen
-from finetune.outputs import METRICS_FILE, write_outputs
+from finetune.outputs import write_outputs
 from finetune.overlays import save_overlay
-from finetune.step import autocast, build_step
+from finetune.oversampling import epoch_indices, finetune_epoch_samples
+from finetune.run_checkpoint import (
+    LAST_CHECKPOINT,
+    RunCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from finetune.run_metrics import (
+    METRICS_FILE,
+    EpochRecord,
+    RunMetrics,
+    TestMetrics,
+    read_run_metrics,
+    write_run_metrics,
+)
+from finetune.step import FinetuneStep, autocast, build_step
 from pretrain.schedules import warmup_cosine
 
 BEST_WEIGHTS = "best.safetensors"
-LAST_CHECKPOINT = "last.pt"
 STARTS_FILE = "starts.jsonl"  # one line per time this run began training (fresh or resumed)
 
-EpochCallback = Callable[[dict[str, Any]], None]
+EpochCallback = Callable[[EpochRecord], None]
 
 
-def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
-              start_context: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class TrainingPlan:
+    """How a run trains, epoch by epoch: the samples and steps of an epoch, each step's
+    learning rate, the epochs with a frozen encoder, and the seed of every epoch's order."""
+
+    seed: int
+    batch_size: int
+    epoch_samples: int  # samples drawn per epoch (a small subset is oversampled)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    warmup_start_lr: float
+    freeze_encoder_epochs: int
+
+    @classmethod
+    def for_run(cls, config: FinetuneConfig, train_slices: int) -> TrainingPlan:
+        samples = finetune_epoch_samples(train_slices, config.epoch_samples)
+        steps_per_epoch = max(1, samples // config.batch_size)
+        return cls(config.seed, config.batch_size, samples, steps_per_epoch,
+                   steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch),
+                   config.lr, config.warmup_start_lr, config.freeze_encoder_epochs)
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.batch_size
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.lr,
+                             start=self.warmup_start_lr)
+
+
+@dataclass
+class PreparedRun:
+    """Everything a run trains and evaluates with, built once before its first epoch."""
+
+    config: FinetuneConfig
+    device: torch.device
+    class_names: list[str]
+    train_slices: int  # labeled training slices of the budget
+    init_chain: list[dict[str, Any]]
+    model: nn.Module  # owns the state that is saved; ``step.forward`` may be compiled
+    step: FinetuneStep
+    train_data: DeviceSlices
+    val_set: SliceSet
+    val_data: DeviceSlices
+    test_set: SliceSet
+    plan: TrainingPlan
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+    def metrics(self, history: list[EpochRecord], test: TestMetrics | None = None
+                ) -> RunMetrics:
+        return RunMetrics.summarise(self.config, history, self.train_slices, self.init_chain,
+                                    test)
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands: its finished epochs, optimizer steps and seconds so far."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    step: int = 0
+    elapsed: float = 0.0  # training + validation seconds (the records' ``seconds``)
+    best_dice: float = -1.0  # the best validation Dice so far; -1 before any validation
+
+
+@dataclass
+class EpochTraining:
+    """What one epoch of training did."""
+
+    train_loss: float  # mean over its steps
+    seconds: float
+    lr: float  # of its last step
+    step: int  # optimizer steps taken by its end
+    encoder_frozen: bool
+
+
+def fine_tune(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
+              start_context: dict[str, Any] | None = None) -> RunMetrics:
     """Train, validate each epoch, test the best epoch; return (and write) the metrics.
 
     A run whose ``metrics.json`` is complete is returned as is; an interrupted run
-    resumes from its last finished epoch. ``on_epoch`` receives each epoch's record after
+    resumes from its last saved epoch. ``on_epoch`` receives each epoch's record after
     its checkpoint and ``metrics.json`` are on disk (a sweep reports it to Ray Tune).
     Every start that trains appends a line to ``starts.jsonl`` with ``start_context``
     (who ran it), so a run trained twice is visible.
@@ -56,6 +163,44 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     done = _completed_metrics(run_dir, config)
     if done is not None:
         return done
+    run = prepare_run(config)
+    progress = resume(run_dir, run.model, run.step.optimizer)
+    if progress is None:
+        progress = RunProgress()
+    else:
+        print(f"resuming from {run_dir / LAST_CHECKPOINT}: epoch {len(progress.history) + 1} "
+              f"of {config.epochs}, step {progress.step} of {run.plan.total_steps}", flush=True)
+    write_run_info(run_dir, config, {
+        "train_slices": run.train_slices, "init_chain": run.init_chain,
+        "data_on_device": {"train": run.train_data.resident, "val": run.val_data.resident},
+        "compiled": run.step.compiled})
+    _log_start(run_dir, len(progress.history), start_context)
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    bar = tqdm(range(len(progress.history), config.epochs), desc=f"finetune {config.label} "
+               f"b={config.budget} s={config.seed}", unit="epoch", leave=False,
+               disable=not config.progress)
+    for epoch in bar:
+        record = run_epoch(run, progress, epoch)
+        _log_epoch(writer, record)
+        if record.val_dice is not None:
+            bar.set_postfix(val_dice=f"{record.val_dice:.3f}")
+        save_epoch(run, progress, record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return finish_run(run, progress, writer)
+
+
+def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
+              start_context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``fine_tune``, returning what ``metrics.json`` holds as plain JSON values (the
+    CLI prints it, ``run_grid`` collects it)."""
+    return fine_tune(config, on_epoch, start_context).to_json()
+
+
+def prepare_run(config: FinetuneConfig) -> PreparedRun:
+    """The budget's subset and the splits, the U-Net with its encoder init on the device,
+    its training step and plan. Seeded by ``config.seed``: the same run gets the same
+    subset and initial weights."""
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else "cpu")
     manifest = Manifest.read(config.data)
@@ -69,103 +214,146 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     test_set = require_whole_volumes(load_slices(config.data, "test"), "test")
 
     model = build_unet(config.arch, 1, manifest.num_classes)
-    init_chain = initialise_encoder(model, config.arch, 1, config.init)
+    init_chain = initialise_encoder(model, config.arch, 1, config.encoder_init())
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # the compiled module shares the model's parameters; state is saved from ``model``
     train_step = build_step(model, config, device)
-    forward, optimizer = train_step.forward, train_step.optimizer
     train_data, val_data = place_splits(train_set, val_set, device, config.device_data_gb)
+    return PreparedRun(config, device, manifest.class_names, len(subset), init_chain, model,
+                       train_step, train_data, val_set, val_data, test_set,
+                       TrainingPlan.for_run(config, len(subset)))
 
-    samples = finetune_epoch_samples(len(subset), config.epoch_samples)
-    steps_per_epoch = max(1, samples // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
 
-    history: list[dict[str, Any]] = []
-    best_dice, step, elapsed = -1.0, 0, 0.0
-    resumed = _load_last(run_dir)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        history, step, elapsed = resumed["history"], resumed["step"], resumed["elapsed"]
-        best_dice = max((h["val_dice"] for h in history if h["val_dice"] is not None),
-                        default=-1.0)
-        print(f"resuming from {run_dir / LAST_CHECKPOINT}: epoch {len(history) + 1} of "
-              f"{config.epochs}, step {step} of {total_steps}", flush=True)
-    run = {"train_slices": len(subset), "init_chain": init_chain,
-           "data_on_device": {"train": train_data.resident, "val": val_data.resident},
-           "compiled": train_step.compiled}
-    write_run_info(run_dir, config, run)
-    _log_start(run_dir, len(history), start_context)
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    bar = tqdm(range(len(history), config.epochs), desc=f"finetune {config.label} "
-               f"b={config.budget} s={config.seed}", unit="epoch", leave=False,
-               disable=not config.progress)
-    for epoch in bar:
-        start = time.perf_counter()
-        rng = np.random.default_rng([config.seed, epoch])
-        generator = torch.Generator(device=device).manual_seed(
-            config.seed * 100_003 + epoch)
-        order = torch.as_tensor(epoch_indices(np.arange(len(train_data)), samples, rng),
-                                device=train_data.index_device())
-        model.train()
-        frozen = epoch < config.freeze_encoder_epochs
-        set_encoder_frozen(model, frozen)  # after train(), which resets BatchNorm modes
-        # summed on the device and read once per epoch: no host synchronisation per step
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for batch_start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
-            lr = warmup_cosine(step, total_steps, warmup_steps, config.lr,
-                               start=config.warmup_start_lr)
-            loss_sum += train_step(train_data, order[batch_start:batch_start + config.batch_size],
-                                   generator, lr)
-            step += 1
-        train_loss = loss_sum.item() / steps_per_epoch
-        train_seconds = time.perf_counter() - start
-        validated = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
-        val = None
-        if validated:
-            val = evaluate(forward, val_data, val_set, manifest.class_names, device,
-                           config.val_batch_size).summary(hd95=False)
-        elapsed += time.perf_counter() - start
-        record = {
-            "epoch": epoch + 1, "step": step, "seconds": round(elapsed, 3),
-            "train_loss": train_loss, "lr": lr, "encoder_frozen": frozen,
-            "train_images_per_s": round(steps_per_epoch * config.batch_size / train_seconds, 2),
-            **_validation_record(val),
-        }
-        history.append(record)
-        _log_epoch(writer, record)
-        if val is not None:
-            bar.set_postfix(val_dice=f"{record['val_dice']:.3f}")
-            if record["val_dice"] > best_dice:
-                best_dice = record["val_dice"]
-                _save_weights(model, run_dir / BEST_WEIGHTS)
-        if config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0:
-            _save_last(run_dir, model, optimizer, history, step, elapsed)
-        atomic_write_json(run_dir / METRICS_FILE, _metrics(config, history, run, None))
-        if on_epoch is not None:
-            on_epoch(record)
+def resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+           ) -> RunProgress | None:
+    """Restore ``model`` and ``optimizer`` from the run's ``last.pt`` and return where
+    the run stood then; None (nothing restored) when there is no checkpoint."""
+    checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    if checkpoint is None:
+        return None
+    model.load_state_dict(checkpoint.model)
+    optimizer.load_state_dict(checkpoint.optimizer)
+    best = max((e.val_dice for e in checkpoint.history if e.val_dice is not None),
+               default=-1.0)
+    return RunProgress(checkpoint.history, checkpoint.step, checkpoint.elapsed, best)
 
-    model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
-    summary = evaluate(forward, place(test_set, device, 0), test_set, manifest.class_names,
-                       device, config.val_batch_size).summary()
-    test = {"dice": summary["volume_dice"]["mean"], "iou": summary["volume_iou"]["mean"],
-            "hd95_mm": summary["volume_hd95_mm"]["mean"],
-            "dice_per_class": summary["volume_dice"]["per_class"], "summary": summary}
-    for name, value in (("dice", test["dice"]), ("iou", test["iou"]),
-                        ("hd95_mm", test["hd95_mm"])):
+
+def train_epoch(plan: TrainingPlan, step_fn: FinetuneStep, data: DeviceSlices, epoch: int,
+                step: int) -> EpochTraining:
+    """Train epoch ``epoch`` (0-based), the optimizer having taken ``step`` steps.
+
+    The sample order and the augmentations depend on the seed and the epoch alone, so a
+    resumed run trains what an uninterrupted one would. The loss is summed on the device
+    and read once, at the end: no host synchronisation per step.
+    """
+    start = time.perf_counter()
+    rng = np.random.default_rng([plan.seed, epoch])
+    generator = torch.Generator(device=step_fn.device).manual_seed(plan.seed * 100_003 + epoch)
+    order = torch.as_tensor(epoch_indices(np.arange(len(data)), plan.epoch_samples, rng),
+                            device=data.index_device())
+    step_fn.model.train()
+    frozen = epoch < plan.freeze_encoder_epochs
+    set_encoder_frozen(step_fn.model, frozen)  # after train(), which resets BatchNorm modes
+    loss_sum = torch.zeros((), dtype=torch.float64, device=step_fn.device)
+    lr = plan.lr_at(step)
+    for batch_start in range(0, plan.images_per_epoch, plan.batch_size):
+        lr = plan.lr_at(step)
+        loss_sum += step_fn(data, order[batch_start:batch_start + plan.batch_size],
+                            generator, lr)
+        step += 1
+    train_loss = loss_sum.item() / plan.steps_per_epoch
+    return EpochTraining(train_loss, time.perf_counter() - start, lr, step, frozen)
+
+
+def validation_due(config: FinetuneConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) is validated: every ``val_every``-th, and the
+    last."""
+    return (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
+
+
+def run_epoch(run: PreparedRun, progress: RunProgress, epoch: int) -> EpochRecord:
+    """Train epoch ``epoch`` (0-based), validate it when due, and add its record to
+    ``progress`` (steps and seconds too)."""
+    trained = train_epoch(run.plan, run.step, run.train_data, epoch, progress.step)
+    started = time.perf_counter()
+    val = None
+    if validation_due(run.config, epoch):
+        val = evaluate(run.step.forward, run.val_data, run.val_set, run.class_names,
+                       run.device, run.config.val_batch_size).summary(hd95=False)
+    progress.step = trained.step
+    progress.elapsed += trained.seconds + (time.perf_counter() - started)
+    record = epoch_record(epoch + 1, trained, progress.elapsed, run.plan.images_per_epoch,
+                          val)
+    progress.history.append(record)
+    return record
+
+
+def epoch_record(epoch: int, trained: EpochTraining, elapsed: float, images: int,
+                 val: dict[str, Any] | None) -> EpochRecord:
+    """The record of epoch ``epoch`` (1-based): its training, ``images`` trained on, the
+    run's seconds so far, and ``val`` (a validation summary; None: not validated, every
+    validation field None)."""
+    if val is None:
+        validation: dict[str, Any] = {
+            "validated": False, "val_dice": None, "val_iou": None,
+            "val_dice_per_class": None, "val_slice_dice": None}
+    else:
+        # the volume Dice selects the best epoch; a NaN (no foreground at all in the
+        # validation split) counts as 0 so that selection stays defined
+        validation = {"validated": True, "val_dice": val["volume_dice"]["mean"] or 0.0,
+                      "val_iou": val["volume_iou"]["mean"],
+                      "val_dice_per_class": val["volume_dice"]["per_class"],
+                      "val_slice_dice": val["slice_dice"]["mean"]}
+    return EpochRecord(epoch=epoch, step=trained.step, seconds=round(elapsed, 3),
+                       train_loss=trained.train_loss, lr=trained.lr,
+                       encoder_frozen=trained.encoder_frozen,
+                       train_images_per_s=round(images / trained.seconds, 2), **validation)
+
+
+def save_epoch(run: PreparedRun, progress: RunProgress, record: EpochRecord) -> None:
+    """What an epoch leaves on disk: the best weights when its validation beat every
+    earlier one, ``last.pt`` every ``checkpoint_every`` epochs, and ``metrics.json``
+    (not complete yet)."""
+    if record.val_dice is not None and record.val_dice > progress.best_dice:
+        progress.best_dice = record.val_dice
+        _save_weights(run.model, run.run_dir / BEST_WEIGHTS)
+    every = run.config.checkpoint_every
+    if every and record.epoch % every == 0:
+        save_checkpoint(run.run_dir / LAST_CHECKPOINT, RunCheckpoint(
+            run.model.state_dict(), run.step.optimizer.state_dict(), progress.history,
+            progress.step, progress.elapsed))
+    write_run_metrics(run.run_dir, run.metrics(progress.history))
+
+
+def finish_run(run: PreparedRun, progress: RunProgress, writer: SummaryWriter) -> RunMetrics:
+    """Test the best epoch's weights, draw the overlays, write ``row.json`` and
+    ``epochs.csv``, then ``metrics.json`` marked complete (last: it marks the run
+    complete) and drop ``last.pt``."""
+    run_dir = run.run_dir
+    run.model.load_state_dict(safetensors.torch.load_file(str(run_dir / BEST_WEIGHTS)))
+    test = summarise_test(evaluate(run.step.forward, place(run.test_set, run.device, 0),
+                                   run.test_set, run.class_names, run.device,
+                                   run.config.val_batch_size).summary())
+    for name, value in (("dice", test.dice), ("iou", test.iou), ("hd95_mm", test.hd95_mm)):
         if value is not None:
-            writer.add_scalar(f"test/{name}", value, len(history))
+            writer.add_scalar(f"test/{name}", value, len(progress.history))
     writer.close()
-    _write_overlays(model, val_set, manifest.class_names, run_dir / "overlays", device,
-                    config.overlays)
-    metrics = _metrics(config, history, run, test)
+    _write_overlays(run.model, run.val_set, run.class_names, run_dir / "overlays", run.device,
+                    run.config.overlays)
+    metrics = run.metrics(progress.history, test)
     write_outputs(run_dir, metrics)
-    atomic_write_json(run_dir / METRICS_FILE, metrics)  # last: it marks the run complete
+    write_run_metrics(run_dir, metrics)  # last: it marks the run complete
     (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)
     return metrics
+
+
+def summarise_test(summary: dict[str, Any]) -> TestMetrics:
+    """The test block of a run from ``SegmentationMetrics.summary()`` on the test split."""
+    return TestMetrics(dice=summary["volume_dice"]["mean"], iou=summary["volume_iou"]["mean"],
+                       hd95_mm=summary["volume_hd95_mm"]["mean"],
+                       dice_per_class=summary["volume_dice"]["per_class"], summary=summary)
 
 
 def predict(model: nn.Module, data: DeviceSlices, device: torch.device,
@@ -201,48 +389,15 @@ def evaluate(model: nn.Module, data: DeviceSlices, slices: SliceSet, class_names
     return metrics
 
 
-def _validation_record(val: dict[str, Any] | None) -> dict[str, Any]:
-    """An epoch's validation fields; None where the epoch was not validated."""
-    if val is None:
-        return {"validated": False, "val_dice": None, "val_iou": None,
-                "val_dice_per_class": None, "val_slice_dice": None}
-    # the volume Dice selects the best epoch; a NaN (no foreground at all in the
-    # validation split) counts as 0 so that selection stays defined
-    return {"validated": True, "val_dice": val["volume_dice"]["mean"] or 0.0,
-            "val_iou": val["volume_iou"]["mean"],
-            "val_dice_per_class": val["volume_dice"]["per_class"],
-            "val_slice_dice": val["slice_dice"]["mean"]}
-
-
-def _metrics(config: FinetuneConfig, history: list[dict[str, Any]], run: dict[str, Any],
-             test: dict[str, Any] | None) -> dict[str, Any]:
-    validated = [h for h in history if h["val_dice"] is not None]
-    return {
-        "init": config.label, "arch": config.arch, "budget": config.budget,
-        "budget_unit": config.budget_unit, "train_slices": run["train_slices"],
-        "init_chain": run["init_chain"], "seed": config.seed, "epochs": history,
-        "validation": {
-            "every": config.val_every, "epochs": [h["epoch"] for h in validated],
-            "convergence_basis": "validated epochs only; nothing interpolated"},
-        # None until the first validation (the last epoch is always validated)
-        "convergence": convergence_metrics(
-            [h["val_dice"] for h in validated], [h["step"] for h in validated],
-            [h["seconds"] for h in validated], config.dice_targets,
-            [h["epoch"] for h in validated]) if validated else None,
-        "test": test, "complete": test is not None, "run_dir": config.out,
-        "config": to_dict(config),
-    }
-
-
-def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> dict[str, Any] | None:
+def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> RunMetrics | None:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
-    if not metrics.get("complete"):
+    metrics = read_run_metrics(path)
+    if not metrics.complete:
         return None
     # a run finished before a config key existed recorded no value for it: the default
-    if {**to_dict(FinetuneConfig()), **metrics.get("config", {})} != to_dict(config):
+    if {**to_dict(FinetuneConfig()), **metrics.config} != to_dict(config):
         raise ValueError(f"{run_dir} holds a finished run with another config; "
                          "choose another out folder")
     return metrics
@@ -270,33 +425,19 @@ def _save_weights(model: nn.Module, path: Path) -> None:
         safetensors.torch.save_file(state, str(tmp))
 
 
-def _save_last(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               history: list[dict[str, Any]], step: int, elapsed: float) -> None:
-    with atomic_path(run_dir / LAST_CHECKPOINT) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": history, "step": step, "elapsed": elapsed}, tmp)
-
-
-def _load_last(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / LAST_CHECKPOINT
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _log_epoch(writer: SummaryWriter, record: dict[str, Any]) -> None:
-    epoch = record["epoch"]
-    writer.add_scalar("train/loss", record["train_loss"], epoch)
-    writer.add_scalar("train/lr", record["lr"], epoch)
-    writer.add_scalar("train/encoder_frozen", float(record["encoder_frozen"]), epoch)
-    writer.add_scalar("perf/images_per_s", record["train_images_per_s"], epoch)
-    if record["val_dice"] is None:  # not a validation epoch (val_every)
+def _log_epoch(writer: SummaryWriter, record: EpochRecord) -> None:
+    epoch = record.epoch
+    writer.add_scalar("train/loss", record.train_loss, epoch)
+    writer.add_scalar("train/lr", record.lr, epoch)
+    writer.add_scalar("train/encoder_frozen", float(record.encoder_frozen), epoch)
+    writer.add_scalar("perf/images_per_s", record.train_images_per_s, epoch)
+    if record.val_dice is None:  # not a validation epoch (val_every)
         return
-    writer.add_scalar("val/dice", record["val_dice"], epoch)
-    for key in ("val_iou", "val_slice_dice"):
-        if record[key] is not None:
-            writer.add_scalar(key.replace("val_", "val/"), record[key], epoch)
-    for name, value in record["val_dice_per_class"].items():
+    writer.add_scalar("val/dice", record.val_dice, epoch)
+    for key, value in (("val/iou", record.val_iou), ("val/slice_dice", record.val_slice_dice)):
+        if value is not None:
+            writer.add_scalar(key, value, epoch)
+    for name, value in (record.val_dice_per_class or {}).items():
         if value is not None:
             writer.add_scalar(f"val/dice_{name}", value, epoch)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data import SliceSet
+from data_prep.labeled_slices import SliceSet
 from finetune.device_data import place, place_splits
 from finetune.train import predict
 

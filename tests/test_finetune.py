@@ -13,8 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import finetune.train as train_module
 from finetune.config import FinetuneConfig
-from finetune.outputs import EPOCHS_FILE, ROW_FILE
-from finetune.train import LAST_CHECKPOINT, train_run
+from finetune.outputs import EPOCHS_FILE, read_result_row
+from finetune.run_checkpoint import LAST_CHECKPOINT
+from finetune.run_metrics import read_run_metrics
+from finetune.train import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 # every test here fine-tunes for real (tens of seconds each on 2 cores)
@@ -67,7 +69,8 @@ def test_short_finetune_produces_complete_curves_and_outputs(
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test"] == metrics["test"]
-    row = json.loads((out / ROW_FILE).read_text())
+    assert read_run_metrics(out).to_json() == saved  # the strict reader takes what is written
+    row = read_result_row(out)
     assert (row["init"], row["budget"], row["seed"], row["epochs"]) == \
         (config.label, 0, 0, 6)
     assert row["test_dice"] == metrics["test"]["dice"]
@@ -113,8 +116,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
     monkeypatch.setattr(train_module, "evaluate", failing_evaluate)
     with pytest.raises(KeyboardInterrupt):
         fine_tune(tmp_path / "resumed")
-    partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert len(partial["epochs"]) == 2 and not partial["complete"]
+    partial = read_run_metrics(tmp_path / "resumed")
+    assert len(partial.epochs) == 2 and not partial.complete
     calls.clear()
     fail_at[0] = 0  # never again
     capsys.readouterr()
@@ -140,7 +143,7 @@ def test_cli_trains_one_budget(prepared: Path, tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["test"]["dice"] is not None
-    row = json.loads((out / ROW_FILE).read_text())
+    row = read_result_row(out)
     assert (row["budget"], row["train_slices"], row["seed"], row["epochs"]) == (3, 3, 1, 2)
 
     too_many = subprocess.run(

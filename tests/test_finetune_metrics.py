@@ -10,8 +10,8 @@ import pytest
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
+from data_prep.segmentation_metrics import SegmentationMetrics
 from finetune.convergence import convergence_metrics
-from finetune.metrics import SegmentationMetrics
 
 NAMES = ["background", "A", "B", "C", "D"]
 SPACING = (0.5, 2.0, 5.0)  # (x, y, slice) mm: (H, W, stacked slice) axes

@@ -3,7 +3,6 @@ entry, speed-up, label count and test statistic checked against direct computati
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -19,6 +18,13 @@ from finetune.cli import main
 from finetune.config import FinetuneConfig
 from finetune.convergence import convergence_metrics
 from finetune.report import ReportSettings, build_report
+from finetune.run_metrics import (
+    EpochRecord,
+    RunMetrics,
+    TestMetrics,
+    ValidationSchedule,
+    write_run_metrics,
+)
 
 CLASSES = ("RV", "MYO", "LV")
 SEEDS = range(8)
@@ -55,16 +61,18 @@ def _metrics(folder: Path, init: str, budget: int, seed: int, data: str = "/data
                                     seed=seed, budget_unit=unit))
     run_dir = folder / init / f"budget{budget:05d}" / f"seed{seed}"
     run_dir.mkdir(parents=True)
-    metrics = {
-        "init": init, "arch": "resnet18", "budget": budget, "budget_unit": unit,
-        "train_slices": budget, "init_chain": init_chain or [], "seed": seed,
-        "epochs": [{"epoch": e + 1, "step": steps[e], "seconds": seconds[e],
-                    "val_dice": curve[e]} for e in range(12)],
-        "convergence": convergence_metrics(curve, steps, seconds, [0.5, 0.7]),
-        "test": test if complete else None, "complete": complete, "run_dir": str(run_dir),
-        "config": config,
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    epochs = [EpochRecord(epoch=e + 1, step=steps[e], seconds=seconds[e], train_loss=0.5,
+                          lr=1e-3, encoder_frozen=False, train_images_per_s=100.0,
+                          validated=True, val_dice=curve[e], val_iou=curve[e] - 0.1,
+                          val_dice_per_class={n: curve[e] for n in classes},
+                          val_slice_dice=curve[e]) for e in range(12)]
+    write_run_metrics(run_dir, RunMetrics(
+        init=init, arch="resnet18", budget=budget, budget_unit=unit, train_slices=budget,
+        init_chain=init_chain or [], seed=seed, epochs=epochs,
+        validation=ValidationSchedule(1, list(range(1, 13))),
+        convergence=convergence_metrics(curve, steps, seconds, [0.5, 0.7]),
+        test=TestMetrics(**test) if complete else None, complete=complete,
+        run_dir=str(run_dir), config=config))
 
 
 @pytest.fixture
@@ -176,6 +184,26 @@ def test_runs_that_cannot_be_compared_are_refused(tmp_path: Path, change: dict, 
     assert main(["report", str(folder), "--overlays", "0"]) == 2
     error = capsys.readouterr().err
     assert f"the runs mix {named}" in error and "seed0" in error
+    assert not (folder / "report").exists()
+
+
+@pytest.mark.parametrize(("damage", "named"), [
+    (lambda text: text[:-20], "not valid JSON"),
+    (lambda text: text.replace('"validated"', '"checked"', 1), "unknown key 'epochs[0].checked'"),
+    (lambda text: text.replace('"format_version": 1', '"format_version": 9'),
+     "format_version 9 is not supported"),
+], ids=["invalid-json", "unknown-key", "unknown-version"])
+def test_an_unreadable_metrics_file_is_refused_by_name(
+        tmp_path: Path, damage, named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A report never drops a run it cannot read, nor guesses at it: it names the file."""
+    folder = tmp_path / "runs"
+    _metrics(folder, "random", 10, 0)
+    _metrics(folder, "ssl", 10, 0)
+    broken = folder / "ssl" / "budget00010" / "seed0" / "metrics.json"
+    broken.write_text(damage(broken.read_text()))
+    assert main(["report", str(folder), "--overlays", "0"]) == 2
+    error = capsys.readouterr().err
+    assert str(broken) in error and named in error, error
     assert not (folder / "report").exists()
 
 
