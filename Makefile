@@ -1,6 +1,6 @@
 # medssl: two commands on a fresh machine.
 #   make demo   create .venv if missing, install, run the end-to-end demo on the phantom
-#   make test   same bootstrap, then ruff and the whole test suite (what CI runs)
+#   make test   same bootstrap, then ruff, mypy and the whole test suite (what CI runs)
 #   make test-fast  the same without the tests marked slow (multi-process, end-to-end or
 #               over a few seconds): the inner loop, under 3 minutes on 2 cores
 SHELL := /bin/bash
@@ -35,16 +35,16 @@ install-test: $(VENV)/.test-installed
 demo: install
 	$(VENV)/bin/medssl demo --out $(DEMO_OUT)
 
-test: install-test
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install-test
-	$(VENV)/bin/ruff check .
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# ruff, then mypy over the packages (pyproject.toml [tool.mypy])
 lint: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -47,9 +47,12 @@ def init_distributed(prefer_cuda: bool = True, timeout_s: float | None = None) -
         # elastic restart) into an error, which torchrun answers with another restart.
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         store = _own_store(rank, world_size, timeout)
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=timeout, store=store,
-            **({"rank": rank, "world_size": world_size} if store is not None else {}))
+        backend = "nccl" if use_cuda else "gloo"
+        if store is not None:
+            dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank,
+                                    world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -49,9 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "phantom":
         from data_prep.phantom import PhantomConfig, write_acdc_tree
 
-        config = PhantomConfig.for_image_size(args.image_size, noise=tuple(args.noise),
-                                              contrast=args.contrast)
-        folders = write_acdc_tree(args.out, args.patients, seed=args.seed, config=config,
+        phantom = PhantomConfig.for_image_size(args.image_size, noise=tuple(args.noise),
+                                               contrast=args.contrast)
+        folders = write_acdc_tree(args.out, args.patients, seed=args.seed, config=phantom,
                                   progress=True)
         print(f"wrote {len(folders)} patients under {args.out}")
         return 0

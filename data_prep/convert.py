@@ -25,7 +25,7 @@ from data_prep.normalize import (
     zscore_params,
 )
 from data_prep.orientation import orient_volume
-from data_prep.resample import fit_to_size, resample_inplane
+from data_prep.resample import FitMode, fit_to_size, resample_inplane
 from data_prep.sources import DatasetSource, SourcePatient
 from data_prep.staging import write_unit
 from data_prep.volume import Volume
@@ -136,7 +136,7 @@ def shape_volume(volume: Volume, config: PrepareConfig
     return image, mask, (spacing[0] / sx, spacing[1] / sy, spacing[2])
 
 
-def resize_mode(config: PrepareConfig) -> str:
+def resize_mode(config: PrepareConfig) -> FitMode:
     if config.resize != "auto":
         return config.resize
     return "fill" if config.format == "natural" else "pad_crop"

@@ -344,7 +344,8 @@ def _read_tiff(path: Path, labels: bool) -> np.ndarray:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            pages = list(tif.pages)
+            # TiffPage.aspage() is itself; a TiffFrame (only with useframes) reads its page
+            pages = [page.aspage() for page in tif.pages]
             if not pages:
                 raise DataError(f"{path}: TIFF file has no pages")
             layouts = {(p.shape, str(p.dtype), int(p.photometric), int(p.planarconfig))

@@ -30,6 +30,8 @@ def load_nifti(path: Path) -> NiftiData:
         raise DataError(f"{path}: file does not exist")
     try:
         image = nib.load(str(path))
+        if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
+            raise DataError(f"{path}: not a NIfTI image ({type(image).__name__})")
         data = np.asanyarray(image.dataobj)
         zooms = tuple(float(z) for z in image.header.get_zooms())
         header = image.header

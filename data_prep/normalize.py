@@ -38,8 +38,11 @@ class NormParams:
             raise ValueError(f"normalisation parameters must have 2 or 4 values, got {values}")
         low = values[2] if len(values) == 4 else None
         high = values[3] if len(values) == 4 else None
+        offset, scale = values[0], values[1]
+        if offset is None or scale is None:
+            raise ValueError(f"normalisation offset and scale must be numbers, got {values}")
         finite = lambda v: None if v is None or not math.isfinite(float(v)) else float(v)  # noqa: E731
-        return cls(float(values[0]), float(values[1]), finite(low), finite(high))
+        return cls(float(offset), float(scale), finite(low), finite(high))
 
 
 def _zscore(values: np.ndarray, low: float | None = None,

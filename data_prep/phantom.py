@@ -36,6 +36,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -86,11 +87,11 @@ class PhantomConfig:
             raise ValueError(f"PhantomConfig.contrast must be in (0, 2], got {self.contrast!r}")
 
     @classmethod
-    def for_image_size(cls, image_size: int, **kwargs: object) -> PhantomConfig:
+    def for_image_size(cls, image_size: int, **kwargs: Any) -> PhantomConfig:
         """Defaults for ``image_size``, with coarser pixels below 128 px so the heart fits."""
         factor = max(1.0, 128 / image_size)
         low, high = cls.pixel_spacing
-        return cls(image_size=image_size,  # type: ignore[arg-type]
+        return cls(image_size=image_size,
                    pixel_spacing=(round(low * factor, 3), round(high * factor, 3)), **kwargs)
 
 

@@ -33,7 +33,7 @@ class DecodedSlice:
     meta: dict[str, Any]
 
 
-def decode_npy(data: bytes, what: str) -> np.ndarray:
+def decode_npy(data: bytes | memoryview, what: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
@@ -64,7 +64,8 @@ def iterate_shards(paths: list[str]) -> wds.WebDataset:
     return wds.WebDataset(paths, shardshuffle=False, empty_check=False).map(decode_sample)
 
 
-def decode_image(image_npy: bytes, meta_json: bytes, where: str) -> np.ndarray:
+def decode_image(image_npy: bytes | memoryview, meta_json: bytes,
+                 where: str) -> np.ndarray:
     """A stored image normalised to float32, with a leading channel axis: (C, H, W)."""
     try:
         norm = json.loads(meta_json)["norm"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -26,6 +27,7 @@ from zarr.codecs import BloscCodec
 from data_prep.normalize import apply_norm
 from data_prep.slices import SliceRecord
 
+_Compressors = BloscCodec | Literal["auto"]
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 # One slice per chunk keeps random access cheap; sharding packs chunks into few files
 # (writing one file per slice costs milliseconds each and floods cluster file systems).
@@ -46,7 +48,7 @@ def write_split(root: zarr.Group, split: str, records: Sequence[SliceRecord]) ->
     masks = np.stack([_require_mask(r) for r in records])
     patient_index = {name: i for i, name in enumerate(patients)}
     volume_index = {name: i for i, name in enumerate(volumes)}
-    columns = {
+    columns: dict[str, tuple[np.ndarray, tuple[int, ...] | None, _Compressors]] = {
         "image": (images, (1, *images.shape[1:]), _COMPRESSOR),
         "mask": (masks, (1, *masks.shape[1:]), _COMPRESSOR),
         "norm": (np.array([r.norm.as_array() for r in records], np.float64), None,
@@ -73,6 +75,13 @@ def _require_mask(record: SliceRecord) -> np.ndarray:
     return record.mask
 
 
+def _str_list(value: object, where: str) -> list[str]:
+    """The attribute at ``where`` as a list of names; a store that says otherwise is corrupt."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: attribute is {value!r}, not a list of names")
+    return list(value)
+
+
 class LabeledSlices:
     """Random access to one split of a labeled store: normalised images and masks."""
 
@@ -86,48 +95,65 @@ class LabeledSlices:
         if split not in root:
             raise KeyError(f"{self.store_path}: no split {split!r} "
                            f"(has {sorted(name for name, _ in root.groups())})")
+        group = root[split]
+        if not isinstance(group, zarr.Group):
+            raise ValueError(f"{self.store_path}: {split!r} is an array, not a split group")
         self.split = split
-        self.group = root[split]
-        self.patients: list[str] = list(self.group.attrs["patients"])
-        self.volumes: list[str] = list(self.group.attrs["volumes"])
-        self._count = int(self.group.attrs["count"])
+        self.group = group
+        self.patients: list[str] = _str_list(
+            self.group.attrs["patients"], f"{self.store_path}/{split} patients")
+        self.volumes: list[str] = _str_list(
+            self.group.attrs["volumes"], f"{self.store_path}/{split} volumes")
+        count = self.group.attrs["count"]
+        if not isinstance(count, int):
+            raise ValueError(f"{self.store_path}/{split}: attribute 'count' is {count!r}, "
+                             "not an integer")
+        self._count = count
 
     def __len__(self) -> int:
         return self._count
 
     @cached_property
     def norm(self) -> np.ndarray:
-        return self.group["norm"][:]
+        return np.asarray(self.column("norm")[:])
 
     @cached_property
     def patient_index(self) -> np.ndarray:
-        return self.group["patient"][:]
+        return np.asarray(self.column("patient")[:])
 
     @cached_property
     def frames(self) -> np.ndarray:
-        return self.group["frame"][:]
+        return np.asarray(self.column("frame")[:])
 
     @cached_property
     def slices(self) -> np.ndarray:
-        return self.group["slice"][:]
+        return np.asarray(self.column("slice")[:])
 
     @cached_property
     def spacing(self) -> np.ndarray:
-        return self.group["spacing"][:]
+        return np.asarray(self.column("spacing")[:])
 
     def patient_of(self, index: int) -> str:
         return self.patients[int(self.patient_index[index])]
 
     @cached_property
     def volume_index(self) -> np.ndarray:
-        return self.group["volume"][:]
+        return np.asarray(self.column("volume")[:])
 
     def volume_of(self, index: int) -> str:
         return self.volumes[int(self.volume_index[index])]
 
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored image (source dtype) and mask of slice ``index``."""
-        return self.group["image"][index], self.group["mask"][index]
+        image = np.asarray(self.column("image")[index])
+        return image, np.asarray(self.column("mask")[index])
+
+    def column(self, name: str) -> zarr.Array:
+        """The stored array ``name`` (image, mask, norm, ...) of this split."""
+        column = self.group[name]
+        if not isinstance(column, zarr.Array):
+            raise ValueError(f"{self.store_path}/{self.split}: {name!r} is a group, not an array")
+        return column
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Normalised float32 image (H, W) and uint8 mask (H, W)."""

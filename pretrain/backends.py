@@ -9,7 +9,7 @@ sharded across ranks (ZeRO 1 and 2), each rank then saving its own shard.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ class DDPBackend:
         self.method, self.optimizer = method, optimizer
         self.precision, self.channels_last = precision, channels_last
         trained: nn.Module = DistributedDataParallel(method) if dist.distributed else method
-        self.trained = torch.compile(trained) if compile else trained
+        # torch.compile of a module returns an OptimizedModule; its stubs say a callable
+        self.trained = cast(nn.Module, torch.compile(trained)) if compile else trained
 
     def step(self, micro_batches: ViewPairs, count: int, *, lr: float,
              momentum: float) -> torch.Tensor:

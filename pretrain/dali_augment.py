@@ -31,7 +31,7 @@ def _uniform(low: float, high: float) -> DataNode:
 
 def _coin(probability: float) -> DataNode:
     """Per-sample 1 with ``probability``, else 0."""
-    return fn.random.coin_flip(probability=probability, dtype=types.INT32)
+    return fn.random.coin_flip(probability=probability, dtype=types.DALIDataType.INT32)
 
 
 def crop_matrix(height: DataNode, width: DataNode, view: ViewConfig, size: int) -> DataNode:
@@ -107,7 +107,7 @@ def augment_view(images: DataNode, height: DataNode, width: DataNode, view: View
     """One view (C, size, size) of float HWC images; ``height``/``width`` are per-sample
     float scalars on the CPU (argument inputs such as the matrix must live there)."""
     out = fn.warp_affine(images, matrix=crop_matrix(height, width, view, size),
-                         size=[size, size], interp_type=types.INTERP_LINEAR)
+                         size=[size, size], interp_type=types.DALIInterpType.INTERP_LINEAR)
     if view.blur_prob > 0:
         blurred = _coin(view.blur_prob)
         sigma = blurred * _uniform(*view.blur_sigma) + (1 - blurred) * NO_BLUR_SIGMA

@@ -41,17 +41,21 @@ def norm_rows(metas: list[np.ndarray], sources: list[np.ndarray]) -> list[np.nda
 def read_samples(paths: list[str], index_paths: list[str], *, shard_id: int, num_shards: int,
                  shuffle_buffer: int) -> tuple[DataNode, DataNode]:
     """Encoded ``image.npy`` and ``meta.json`` of this rank's part of the shards."""
-    image, meta = fn.readers.webdataset(
+    outputs = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["image.npy", "meta.json"],
         missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
         random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1))
+    if outputs is None or isinstance(outputs, DataNode) or len(outputs) != 2:
+        raise RuntimeError(f"DALI's webdataset reader returned {outputs!r}, "
+                           "not one output per extension (image.npy, meta.json)")
+    image, meta = outputs
     return image, meta
 
 
 def decode(image: DataNode, *, image_ndim: int, channels_last: bool) -> DataNode:
     """Raw images as float32 on the CPU, CHW (HWC for the augmentation ops); 2-D images get
     a channel axis. ``image_ndim`` is the stored images' (2 or 3) and fixes the layout ops."""
-    images = fn.decoders.numpy(image, dtype=types.FLOAT)
+    images = fn.decoders.numpy(image, dtype=types.DALIDataType.FLOAT)
     if image_ndim == 2:
         return fn.reinterpret(fn.expand_dims(images, axes=[2 if channels_last else 0]),
                               layout="HWC" if channels_last else "CHW")
@@ -86,7 +90,7 @@ def build_pipeline(paths: list[str], index_paths: list[str], *, batch_size: int,
         else:
             # Sizes from the CPU tensor: the crop matrices are argument inputs, which DALI
             # takes from the CPU only.
-            shape = images.shape(dtype=types.FLOAT)
+            shape = images.shape(dtype=types.DALIDataType.FLOAT)
             images = normalise(images, meta, gpu=gpu)
             pipe.set_outputs(*(augment_view(images, shape[0], shape[1], view, crop_size)
                                for view in views))

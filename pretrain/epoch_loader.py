@@ -21,8 +21,6 @@ from pretrain.batching import BatchPlan
 from pretrain.config import PretrainConfig
 from pretrain.data import Stretch, build_loader
 
-STRETCHES_KEY = "loader_stretches"  # checkpoint entry: the epoch's stretches so far
-
 
 @dataclass
 class EpochReading:

@@ -68,11 +68,11 @@ class Stretch:
             self.batches - self.done == fresh.batches
 
 
-def epoch_order(counts: Sequence[int], *, seed: int, epoch: int, length: int,
+def epoch_order(counts: Sequence[int] | np.ndarray, *, seed: int, epoch: int, length: int,
                 resampled: bool) -> np.ndarray:
     """Sample numbers of one epoch, in reading order (see the module docstring)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    sizes = np.asarray(counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
     total = int(starts[-1])
     if length < 1:
         raise ValueError(f"an epoch needs at least one sample, got length {length}")
@@ -81,11 +81,11 @@ def epoch_order(counts: Sequence[int], *, seed: int, epoch: int, length: int,
                          f"{total}; set data.resampled=true to draw shards with replacement")
     rng = np.random.default_rng([seed, epoch])
     pieces, have = [], 0
-    shards = iter(rng.permutation(len(counts))) if not resampled else None
+    shards = iter(rng.permutation(len(sizes))) if not resampled else None
     while have < length:
-        shard = int(next(shards)) if shards is not None else int(rng.integers(len(counts)))
+        shard = int(next(shards)) if shards is not None else int(rng.integers(len(sizes)))
         pieces.append(np.arange(starts[shard], starts[shard + 1]))
-        have += int(counts[shard])
+        have += int(sizes[shard])
     return np.concatenate(pieces)[:length]
 
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from pretrain.config import ModelConfig, PretrainConfig
+from pretrain.encoder_init import EncoderInit
 from pretrain.methods import SSLMethod, build_method
-from pretrain.weights import (
-    create_encoder,
-    create_pretrained_encoder,
-    load_into_encoder,
-    read_encoder_weights,
-)
 
 
 def build_encoder(model: ModelConfig, crop_size: int, initialise: bool = True) -> nn.Module:
@@ -19,13 +14,8 @@ def build_encoder(model: ModelConfig, crop_size: int, initialise: bool = True) -
     ``model.init``: random, timm's pretrained weights, or a local file or run.
     ``initialise=False`` leaves it random (its weights are about to come from a checkpoint:
     the init source need not be reachable any more)."""
-    timm_name = model.timm_weights() if initialise else None
-    if timm_name is not None:
-        return create_pretrained_encoder(timm_name, model.in_chans, crop_size)
-    encoder = create_encoder(model.arch, model.in_chans, crop_size)
-    if initialise and model.init != "random":
-        load_into_encoder(encoder, read_encoder_weights(model.init))
-    return encoder
+    init = model.encoder_init() if initialise else EncoderInit("random", "model.init")
+    return init.build_encoder(model.arch, model.in_chans, crop_size)
 
 
 def build_model(config: PretrainConfig, initialise: bool = True) -> SSLMethod:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from torch.optim import Optimizer
 DECAY, NO_DECAY = "decay", "no_decay"
 OPTIMIZERS = ("lars", "adamw")
 TRUST_RATIOS = ("update", "paper")  # LARS's optim.trust_ratio
+# What torch's _foreach_* functions take, and return (a tuple) when not in place.
+TensorList = tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 # torch's own normalisation layers; RMSNorm exists from torch 2.4 on.
 _TORCH_NORMS: tuple[type[nn.Module], ...] = (
@@ -92,7 +94,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             norm_params.update(id(p) for p in module.parameters(recurse=False))
     skip = _no_weight_decay_names(model)
 
-    groups = {
+    groups: dict[str, dict[str, Any]] = {
         DECAY: {"name": DECAY, "params": [], "param_names": [],
                 "weight_decay": weight_decay, "lars_adapt": True},
         NO_DECAY: {"name": NO_DECAY, "params": [], "param_names": [],
@@ -178,8 +180,19 @@ class LARS(Optimizer):
             for group in self.param_groups:
                 group.setdefault(key, defaults.get(key, fallback))
 
+    # Optimizer.step's overloads (closure returning a float), plus the usual tensor loss.
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    @overload
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], float] | Callable[[], torch.Tensor] | None = None
+             ) -> float | torch.Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -202,7 +215,7 @@ class LARS(Optimizer):
 
     @staticmethod
     def _factors(group: dict[str, Any], params: list[torch.Tensor],
-                 grads: list[torch.Tensor], updates: list[torch.Tensor]) -> torch.Tensor:
+                 grads: list[torch.Tensor], updates: TensorList) -> torch.Tensor:
         """Per-tensor factors applied to ``updates`` (= g + wd * p), as one device tensor."""
         # Norms in at least fp32, so bf16/fp16 weights get an accurate trust ratio.
         norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
@@ -225,6 +238,7 @@ class LARS(Optimizer):
     def _update(group: dict[str, Any], params: list[torch.Tensor],
                 grads: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """One LARS step for tensors that share a device and dtype."""
+        updates: TensorList
         if group["lars_adapt"]:
             # A fresh tensor list either way, so scaling it in place leaves .grad alone.
             updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])

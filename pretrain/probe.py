@@ -27,10 +27,10 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from data_prep.geometry import center_pad_crop
+from data_prep.label_budgets import budget_subset
+from data_prep.labeled_slices import SliceSet, load_slices, open_split, slice_patients
 from data_prep.manifest import Manifest
-from finetune.budgets import budget_subset
-from finetune.data import SliceSet, load_slices, open_split, slice_patients
-from finetune.metrics import SegmentationMetrics
+from data_prep.segmentation_metrics import SegmentationMetrics
 from pretrain.config import PretrainConfig, ProbeConfig
 
 
@@ -100,11 +100,15 @@ class SegmentationProbe:
     def _features(self, encoder: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
         levels: list[list[torch.Tensor]] = []
         keep = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        forward_intermediates = getattr(encoder, "forward_intermediates", None)
+        if not callable(forward_intermediates):
+            raise TypeError(f"the probe needs a timm encoder (forward_intermediates), "
+                            f"got {type(encoder).__name__}")
         for start in range(0, len(images), 32):
             batch = images[start:start + 32].to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16,
                                 enabled=self.device.type == "cuda"):
-                out = encoder.forward_intermediates(batch, intermediates_only=True)
+                out = forward_intermediates(batch, intermediates_only=True)
             levels.append([f.to(keep) for f in out])
         return [torch.cat(parts) for parts in zip(*levels)]
 

@@ -62,8 +62,9 @@ def accumulated_step(trained: nn.Module, method: SSLMethod,
     optimizer.zero_grad(set_to_none=True)
 
     def forward_backward(view1: torch.Tensor, view2: torch.Tensor, last: bool) -> torch.Tensor:
-        skip_sync = not last and hasattr(trained, "no_sync")
-        with trained.no_sync() if skip_sync else nullcontext():
+        # DDP's no_sync; a plain module has none (and every last micro batch syncs)
+        no_sync = None if last else getattr(trained, "no_sync", None)
+        with no_sync() if no_sync is not None else nullcontext():
             with autocast_for(view1.device, precision):
                 loss = trained(view1, view2)
             (loss / count).backward()

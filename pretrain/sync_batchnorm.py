@@ -45,14 +45,14 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
         reduced = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
         return reduced
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         reduced = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=ctx.group)
         return reduced, None

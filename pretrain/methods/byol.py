@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ class BYOL(SSLMethod):
         for param in self.target_parameters():
             param.requires_grad_(False)
 
-    def target_parameters(self):
+    def target_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.target_encoder.parameters()
         yield from self.target_projector.parameters()
 
@@ -46,7 +47,8 @@ class BYOL(SSLMethod):
     @torch.no_grad()
     def after_step(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * online."""
-        online = [*self.online_encoder.parameters(), *self.projector.parameters()]
-        target = list(self.target_parameters())
+        online: list[torch.Tensor] = [*self.online_encoder.parameters(),
+                                      *self.projector.parameters()]
+        target: list[torch.Tensor] = list(self.target_parameters())
         torch._foreach_mul_(target, momentum)
         torch._foreach_add_(target, online, alpha=1 - momentum)
