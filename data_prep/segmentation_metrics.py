@@ -37,7 +37,6 @@ from typing import Any, overload
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 
 HD95_PERCENTILE = 95
 
@@ -193,6 +192,8 @@ def hd95_mm(prediction: np.ndarray, target: np.ndarray, num_classes: int,
             spacing: Sequence[float] | np.ndarray) -> np.ndarray:
     """HD95 per foreground class of one (x, y, slice) volume, in mm; NaN where the class
     is missing from the prediction or the ground truth (MONAI's behaviour)."""
+    from monai.metrics import compute_hausdorff_distance  # seconds to import: when used
+
     pred_hot, true_hot = (_one_hot(a, num_classes) for a in (prediction, target))
     with warnings.catch_warnings():
         # MONAI warns for every empty class (expected here: it reads as NaN), and 1.6

@@ -2,12 +2,77 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from data_prep.label_budgets import BudgetUnit
-from finetune.augment import SegAugmentConfig
 from pretrain.encoder_init import EncoderInit
+
+
+@dataclass
+class SegAugmentConfig:
+    """Augmentation of labelled slices; defaults aim at cardiac cine MRI (ACDC, M&Ms).
+
+    Probabilities and intensity ranges follow nnU-Net's 2D recipe, which is tuned on these
+    datasets: mirroring on both axes, gamma 0.7-1.5 (p 0.3), contrast and brightness (p
+    0.15), noise (p 0.1). Geometry is milder than nnU-Net's (+-180 degrees, 0.7-1.4 zoom):
+    prepared slices are already centred on the heart at a common pixel spacing, and flips
+    already cover large orientation changes, so small rotations, zooms and shifts model the
+    remaining patient-to-patient variation without filling corners with padding.
+    Intensity units are those of the prepared data (z-scored per volume for MRI).
+    """
+
+    enabled: bool = True  # False: augment_pair returns its inputs untouched
+    hflip: float = 0.5  # chance of a left-right flip per sample
+    vflip: float = 0.5  # chance of an up-down flip per sample
+    rotation: float = 15.0  # max degrees, uniform in +-rotation about the image centre
+    rotation_prob: float = 0.2
+    scale: tuple[float, float] = (0.85, 1.15)  # zoom of the content, log-uniform; >1 enlarges
+    scale_prob: float = 0.2
+    translate: float = 0.05  # max shift per axis, as a fraction of that side
+    translate_prob: float = 0.2
+    # Exponent range (log-uniform) applied on each image's own [min, max] rescaled to [0, 1].
+    gamma: tuple[float, float] = (0.7, 1.5)
+    gamma_prob: float = 0.3
+    contrast: float = 0.25  # factor uniform in 1 +- contrast, about the image's mean
+    contrast_prob: float = 0.15
+    brightness: float = 0.1  # additive shift uniform in +-brightness, normalised units
+    brightness_prob: float = 0.15
+    noise_std: float = 0.1  # Gaussian noise std uniform in [0, noise_std], normalised units
+    noise_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; keep tuples so configs compare and hash the same either way.
+        self.scale = _pair(self.scale, "scale")
+        self.gamma = _pair(self.gamma, "gamma")
+        probs = ("hflip", "vflip", "rotation_prob", "scale_prob", "translate_prob",
+                 "gamma_prob", "contrast_prob", "brightness_prob", "noise_prob")
+        checks: dict[str, tuple[bool, str]] = {
+            name: (0 <= getattr(self, name) <= 1, "a probability in [0, 1]") for name in probs
+        }
+        checks.update({
+            "rotation": (0 <= self.rotation <= 180, "degrees in [0, 180]"),
+            "scale": (0 < self.scale[0] <= self.scale[1], "(low, high) with 0 < low <= high"),
+            # Half a side already moves the image centre onto its border.
+            "translate": (0 <= self.translate <= 0.5, "a fraction of the side in [0, 0.5]"),
+            "gamma": (0 < self.gamma[0] <= self.gamma[1], "(low, high) with 0 < low <= high"),
+            # A factor <= 0 would flatten or invert the image.
+            "contrast": (0 <= self.contrast < 1, "in [0, 1)"),
+            "brightness": (self.brightness >= 0, ">= 0"),
+            "noise_std": (self.noise_std >= 0, ">= 0"),
+        })
+        for name, (ok, expected) in checks.items():
+            value = getattr(self, name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if not ok or not all(math.isfinite(v) for v in numbers):
+                raise ValueError(f"augment {name} must be {expected}, got {value!r}")
+
+
+def _pair(value: tuple[float, float] | list[float], name: str) -> tuple[float, float]:
+    if len(value) != 2:
+        raise ValueError(f"augment {name} must be (low, high), got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 @dataclass

@@ -11,11 +11,10 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from finetune.augment import SegAugmentConfig, augment_pair
-from finetune.config import FinetuneConfig
+from finetune.augment import augment_pair
+from finetune.config import FinetuneConfig, SegAugmentConfig
 from finetune.device_data import DeviceSlices
 from finetune.model import build_finetune_optimizer
 
@@ -77,6 +76,10 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def loss_function(name: str) -> nn.Module:
+    # imported here: MONAI loads all its submodules, seconds that the sweep driver and
+    # the report, which import this module, do not need
+    from monai.losses import DiceCELoss, DiceLoss
+
     if name == "jaccard":
         return DiceLoss(to_onehot_y=True, softmax=True, jaccard=True)
     return DiceCELoss(to_onehot_y=True, softmax=True)

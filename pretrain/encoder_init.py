@@ -15,23 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import timm
-from torch import nn
-
-from pretrain.checkpoint import kept_checkpoint_epoch
-from pretrain.checkpoint_state import PretrainCheckpoint, read_checkpoint
+from pretrain.encoder_errors import EncoderMismatchError
 from pretrain.export_meta import BackboneMeta, find_backbone_meta
-from pretrain.weights import (
-    EncoderMismatchError,
-    EncoderWeights,
-    create_encoder,
-    create_pretrained_encoder,
-    key_mismatches,
-    load_into_encoder,
-    read_encoder_weights,
-)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pretrain.checkpoint_state import PretrainCheckpoint
+    from pretrain.weights import EncoderWeights
+
+# torch, timm and the weight readers are imported where they are used: both configs parse
+# their init at load, and a config error should be reported before seconds of imports.
 
 InitKind = Literal["random", "timm", "export", "run", "checkpoint", "epoch", "weights file",
                    "unresolved"]
@@ -74,7 +70,7 @@ class EncoderInit:
     def epoch(self) -> int | None:
         """For a kept end-of-epoch checkpoint of a run: its epoch."""
         path = self.path
-        return None if path is None else kept_checkpoint_epoch(path)
+        return None if path is None else _kept_epoch(path)
 
     def recorded(self) -> str:
         """The init as an export records it: a local path made absolute, so the chain
@@ -85,6 +81,13 @@ class EncoderInit:
     def build_encoder(self, arch: str, in_chans: int, img_size: int | None = None) -> nn.Module:
         """A timm encoder of ``arch`` (classifier removed) holding these weights; any
         mismatch of architecture, input channels, keys or shapes raises first."""
+        from pretrain.weights import (
+            create_encoder,
+            create_pretrained_encoder,
+            load_into_encoder,
+            read_encoder_weights,
+        )
+
         if self.timm_name is not None:
             return create_pretrained_encoder(self.timm_name, in_chans, img_size, key=self.key)
         encoder = create_encoder(arch, in_chans, img_size)
@@ -194,13 +197,21 @@ def _path_kind(path: Path) -> InitKind:
         return "export" if find_backbone_meta(path) is not None else (
             "weights file" if path.suffix == ".safetensors" else "unresolved")
     if _peek_checkpoint(path) is not None:
-        return "checkpoint" if kept_checkpoint_epoch(path) is None else "epoch"
+        return "checkpoint" if _kept_epoch(path) is None else "epoch"
     return "weights file"
+
+
+def _kept_epoch(path: Path) -> int | None:
+    from pretrain.checkpoint import kept_checkpoint_epoch
+
+    return kept_checkpoint_epoch(path)
 
 
 def _peek_checkpoint(path: Path) -> PretrainCheckpoint | None:
     """The pretraining checkpoint at ``path``, memory-mapped (only its small entries are
     read); None for any other file, whose loading then reports what is wrong."""
+    from pretrain.checkpoint_state import read_checkpoint
+
     try:
         return read_checkpoint(path, mmap=True)
     except ValueError:
@@ -208,10 +219,14 @@ def _peek_checkpoint(path: Path) -> PretrainCheckpoint | None:
 
 
 def _key_report(weights: EncoderWeights, model: nn.Module) -> str:
+    from pretrain.weights import key_mismatches
+
     return "; ".join(key_mismatches(model.state_dict(), weights.state_dict)) or "no key differs"
 
 
 def _hub_id(name: str) -> dict[str, str]:
+    import timm
+
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:

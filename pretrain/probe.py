@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from torch import nn
 
 from data_prep.geometry import center_pad_crop
@@ -128,6 +127,8 @@ class SegmentationProbe:
         return {**dice, "seconds": time.perf_counter() - start}
 
     def _train_head(self, head: ProbeHead, features: list[torch.Tensor]) -> None:
+        from monai.losses import DiceCELoss  # MONAI's import costs seconds: only when probing
+
         optimizer = torch.optim.Adam(head.parameters(), lr=self.config.lr)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         masks = self.train_masks.to(self.device)

@@ -24,15 +24,8 @@ from timm.models import adapt_input_conv, get_pretrained_cfg
 from torch import nn
 
 from pretrain.checkpoint_state import PretrainCheckpoint
+from pretrain.encoder_errors import EncoderMismatchError, WeightsUnavailableError
 from pretrain.export_meta import EXPORT_META, BackboneMeta, find_backbone_meta
-
-
-class EncoderMismatchError(ValueError):
-    """Weights do not fit the encoder: the message lists the mismatched keys."""
-
-
-class WeightsUnavailableError(RuntimeError):
-    """timm's pretrained weights could not be fetched or found in the local hub cache."""
 
 
 @dataclass

@@ -147,6 +147,32 @@ def test_non_finite_loss_stops_without_touching_the_checkpoint(prepared: Path,
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_bf16_autocast_trains_and_keeps_float32_weights(prepared: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.precision=bf16 (the reference recipes' setting) through the engine, on CPU:
+    the step's convolutions run in bf16, the weights in the checkpoint stay float32.
+    One step only: bf16 convolutions are ~20x slower than fp32 on AVX2-only CPUs."""
+    seen: set[torch.dtype] = set()
+    original = torch.nn.Conv2d._conv_forward
+
+    def record_dtype(self: torch.nn.Conv2d, inputs: torch.Tensor, *args: object) -> torch.Tensor:
+        out = original(self, inputs, *args)  # type: ignore[arg-type]
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", record_dtype)
+    config = small_pretrain_config(prepared, tmp_path / "run")
+    config.run.precision = "bf16"
+    config.optim.epochs, config.data.epoch_samples = 1, config.data.batch_size
+    result = pretrain(config)
+    assert torch.bfloat16 in seen  # (the collapse histogram embeds views in float32)
+    assert result.steps == 1 and torch.isfinite(torch.tensor(result.final_loss))
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").model
+    assert {tensor.dtype for tensor in state.values() if tensor.is_floating_point()} == \
+        {torch.float32}
+
+
 def test_exact_flip_without_crop() -> None:
     view = ViewConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, brightness=0.0,
                       contrast=0.0)
