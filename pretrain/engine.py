@@ -224,21 +224,22 @@ class DeferredLossCheck:
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
-        self.pending: tuple[torch.Tensor, int] | None = None  # a loss and its step
+        # the last loss and its step, not yet read from the device
+        self.unchecked_loss: tuple[torch.Tensor, int] | None = None
         self.value = math.nan
 
     def push(self, loss: torch.Tensor, step: int) -> None:
         """Hold the loss of ``step``, after checking the one held before."""
-        if self.pending is not None:
-            check_finite(*self.pending, self.rank)
-        self.pending = (loss, step)
+        if self.unchecked_loss is not None:
+            check_finite(*self.unchecked_loss, self.rank)
+        self.unchecked_loss = (loss, step)
 
     def settle(self) -> float:
         """Check the held loss now (``NonFiniteLossError`` if it is not finite); the last
         loss read."""
-        if self.pending is not None:
-            self.value = check_finite(*self.pending, self.rank)
-            self.pending = None
+        if self.unchecked_loss is not None:
+            self.value = check_finite(*self.unchecked_loss, self.rank)
+            self.unchecked_loss = None
         return self.value
 
 

@@ -268,7 +268,7 @@ def test_deferred_loss_check_is_one_step_late() -> None:
         losses.push(torch.tensor(1.0), step=8)
     losses = DeferredLossCheck(rank=0)
     losses.push(torch.tensor(2.5), step=0)
-    assert losses.settle() == 2.5 and losses.pending is None
+    assert losses.settle() == 2.5 and losses.unchecked_loss is None
     assert losses.settle() == 2.5  # the last loss read stays
 
 
