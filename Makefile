@@ -12,6 +12,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# test processes (pytest-xdist); the tests that start Ray share one (tests/conftest.py)
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS)
 
 .PHONY: demo test test-fast install install-test lint clean
 
@@ -36,10 +39,10 @@ demo: install
 	$(VENV)/bin/medssl demo --out $(DEMO_OUT)
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # ruff, then mypy over the packages (pyproject.toml [tool.mypy])
 lint: install-test

@@ -6,10 +6,12 @@ no downloads; the sizes are chosen to keep the whole suite within minutes on 2 c
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 import pytest
@@ -29,10 +31,47 @@ from pretrain.config import (
 )
 from tests.ray_cluster import RayCluster, start_cluster, stop_cluster
 
-torch.set_num_threads(2)
+# pytest-xdist runs one test process per worker (make test: one per core); each gets its
+# share of the cores, at most 2 (what the sizes below are chosen for).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+# Test modules that start Ray, in two groups that pytest-xdist runs each in one worker,
+# one test after another: the users of the shared test cluster below (one cluster, not
+# one per worker), and those that start a local instance (a sweep without --address: the
+# demo, the benchmark suite), which would otherwise both take Ray's fixed default ports
+# (the dashboard agent's). The test cluster takes none of those (tests/ray_cluster.py).
+RAY_GROUPS = {
+    "tests/test_sweep_ray.py": "ray-cluster", "tests/test_reference_recipes.py": "ray-cluster",
+    "tests/test_demo.py": "ray-local", "tests/test_benchmarks.py": "ray-local",
+}
 
 IMAGE_SIZE = 64
 N_PATIENTS = 12  # ids 1..12: test {1, 11}, val {2, 12}, train the other 8
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's scheduling with every test its own unit of work (as ``--dist load``),
+    except the tests of each of ``RAY_GROUPS``: one unit, so one worker. (xdist's own
+    ``--dist loadgroup`` relies on rewriting node ids, which pytest 9.2 ignores.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayGroupsInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return RAY_GROUPS.get(nodeid.split("::")[0], nodeid)
+
+    return RayGroupsInOneWorker(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test module that uses the Ray cluster must be in its group of ``RAY_GROUPS``."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if "cluster" in getattr(item, "fixturenames", ()) and \
+                RAY_GROUPS.get(module) != "ray-cluster":
+            raise pytest.UsageError(f"{item.nodeid} uses the Ray cluster: add {module} to "
+                                    "RAY_GROUPS in tests/conftest.py as 'ray-cluster'")
 
 
 @pytest.fixture(scope="session")

@@ -76,8 +76,8 @@ def _ports_free(ports: list[int]) -> bool:
 def _port_base() -> int:
     """A base port whose cluster ports (below the ephemeral range) are all free."""
     for base in range(6390, 16390, 500):
-        if _ports_free([base, base + 1, base + 2, *range(base + 111, base + 116),
-                        *range(base + 200, base + 300)]):
+        if _ports_free([base, base + 1, base + 2, *range(base + 101, base + 106),
+                        *range(base + 111, base + 116), *range(base + 200, base + 400)]):
             return base
     raise RuntimeError("no free port range for a test Ray cluster")
 
@@ -95,6 +95,14 @@ def start_cluster(tmp: Path) -> RayCluster:
                        "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
                        "--ray-client-server-port", str(port + 2),
                        "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(head_temp),
+                       # every port of the range: Ray's defaults (the dashboard agent's
+                       # 52365) would collide with a local instance's
+                       "--node-manager-port", str(port + 101),
+                       "--object-manager-port", str(port + 102),
+                       "--dashboard-agent-listen-port", str(port + 103),
+                       "--metrics-export-port", str(port + 104),
+                       "--runtime-env-agent-port", str(port + 105),
+                       "--min-worker-port", str(port + 300), "--max-worker-port", str(port + 399),
                        "--disable-usage-stats")
     assert head.returncode == 0, head.stdout + head.stderr
     worker = subprocess.run(
