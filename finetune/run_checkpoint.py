@@ -64,6 +64,9 @@ def load_checkpoint(path: Path, mmap: bool = False) -> RunCheckpoint | None:
     unknown = [key for key in state if key not in names]
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}")
+    if not isinstance(state["history"], list):
+        raise ValueError(f"{path}: key 'history' holds a {type(state['history']).__name__}, "
+                         "not a list of epoch records")
     history = [EpochRecord.from_json(record, f"history[{i}]", path)
                for i, record in enumerate(state["history"])]
     return RunCheckpoint(state["model"], state["optimizer"], history, int(state["step"]),

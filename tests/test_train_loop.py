@@ -110,6 +110,10 @@ def test_a_checkpoint_without_a_key_is_an_error_naming_it(tmp_path: Path) -> Non
                 "elapsed": 1.0}, path)
     with pytest.raises(ValueError, match=r"missing key 'history\[0\]\.step'"):
         load_checkpoint(path)
+    torch.save({"model": {}, "optimizer": {}, "history": {"epoch": 1}, "step": 3,
+                "elapsed": 1.0}, path)
+    with pytest.raises(ValueError, match=f"^{path}: key 'history' holds a dict"):
+        load_checkpoint(path)
     path.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match=f"^{path}: unreadable fine-tuning checkpoint"):
         load_checkpoint(path)
