@@ -13,7 +13,11 @@ import os
 import sys
 from collections.abc import Callable
 
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+from cluster.storage.errors import StorageError
+
+# StorageError: an object store unreachable past every retry (the message names the URL)
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+                StorageError)
 DEBUG_ENV = "MEDSSL_DEBUG"
 
 
@@ -30,5 +34,16 @@ def report_input_errors(command: Callable[[], int], debug: bool = False) -> int:
         if debug_requested(debug):
             raise
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error raised in a DataLoader worker (which torch
+    re-raises with the worker's whole traceback as its message), the original one."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    kind, _, message = last.partition(": ")
+    return message if message and " " not in kind else last

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from cluster.environ import environment
+
 LOOPBACK = "127.0.0.1"
 _CLOSED_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, refused at once
 _PROXY_KEYS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")
@@ -55,20 +57,13 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         ray.init(address=address, log_to_driver=False,
                  runtime_env={"env_vars": worker_env} if worker_env else None)
         return f"Ray cluster at {address}"
-    saved = {key: os.environ.get(key) for key in (*_PROXY_KEYS, "no_proxy", "NO_PROXY")}
     # trial processes get the driver's proxy settings back ("" = none)
-    worker_env.update({key: saved[key] or "" for key in _PROXY_KEYS})
-    os.environ.update({key: _CLOSED_PROXY for key in _PROXY_KEYS})
-    os.environ.update(no_proxy=_NO_PROXY, NO_PROXY=_NO_PROXY)
-    try:
+    worker_env.update({key: os.environ.get(key) or "" for key in _PROXY_KEYS})
+    closed = {**{key: _CLOSED_PROXY for key in _PROXY_KEYS}, "no_proxy": _NO_PROXY,
+              "NO_PROXY": _NO_PROXY}
+    with environment(closed):
         context = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                            include_dashboard=True, dashboard_host=LOOPBACK,
                            _node_ip_address=LOOPBACK, log_to_driver=False,
                            runtime_env={"env_vars": worker_env})
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return f"local Ray instance (dashboard http://{context.dashboard_url})"

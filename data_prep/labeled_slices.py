@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cluster.storage import join
 from data_prep.manifest import Manifest
 from data_prep.normalize import apply_norm
 from data_prep.zarr_store import LabeledSlices
@@ -29,9 +30,9 @@ class SliceSet:
 
 
 def open_split(prepared_dir: str | Path, split: str) -> LabeledSlices:
-    """The labeled store of ``split`` in a prepared dataset."""
+    """The labeled store of ``split`` in a prepared dataset (a folder or an ``s3://`` URL)."""
     manifest = Manifest.read(prepared_dir)
-    return LabeledSlices(Path(prepared_dir) / manifest.labeled_store["path"], split)
+    return LabeledSlices(join(prepared_dir, manifest.labeled_store["path"]), split)
 
 
 def slice_patients(prepared_dir: str | Path, split: str) -> np.ndarray:
@@ -69,8 +70,9 @@ def _read_bulk(store: LabeledSlices, chosen: np.ndarray) -> tuple[np.ndarray, np
     sorted, de-duplicated selection lets zarr decode each needed chunk once.
     """
     unique, inverse = np.unique(chosen, return_inverse=True)
-    raw = np.asarray(store.column("image").oindex[unique])
-    masks = np.asarray(store.column("mask").oindex[unique])
+    raw, masks = store.read(lambda: (np.asarray(store.column("image").oindex[unique]),
+                                     np.asarray(store.column("mask").oindex[unique])),
+                            f"read of {len(unique)} {store.split} slices")
     norm = store.norm
     images = np.stack([apply_norm(raw[k], norm[i]) for k, i in enumerate(unique)])
     return images[inverse], masks[inverse]

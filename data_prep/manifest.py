@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.atomic import atomic_write_json
+from cluster.storage import is_url, join
+from cluster.storage.objects import read_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 3
@@ -54,14 +56,17 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist: {folder} is not a prepared dataset "
-                "(run `python -m data_prep prepare` first, or it was interrupted)"
-            )
+        """The manifest of the prepared dataset at ``folder`` (a path or an ``s3://`` URL)."""
+        path = join(folder, MANIFEST_NAME)
+        absent = FileNotFoundError(
+            f"{path} does not exist: {folder} is not a prepared dataset "
+            "(run `python -m data_prep prepare` first, or it was interrupted)")
+        if not is_url(folder) and not Path(path).is_file():
+            raise absent
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path))
+        except FileNotFoundError:
+            raise absent from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         version = data.get("format_version")

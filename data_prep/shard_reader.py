@@ -9,6 +9,7 @@ resume mid-epoch without reading what it skips.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Iterator, Sequence
@@ -19,9 +20,12 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from data_prep.dali_index import default_index_path
+from cluster.storage import is_url, join, name_of
+from cluster.storage.objects import read_range, read_text
+from data_prep.dali_index import INDEX_SUFFIX
 from data_prep.manifest import Manifest
 from data_prep.normalize import apply_norm
+from data_prep.shard_cache import ShardCache, ShardEntry
 
 
 @dataclass
@@ -55,8 +59,9 @@ def decode_sample(sample: dict[str, Any]) -> DecodedSlice:
 
 
 def shard_paths(prepared_dir: str | Path) -> list[str]:
+    """Every shard's path (or URL, for a dataset in an object store), in manifest order."""
     manifest = Manifest.read(prepared_dir)
-    return [str(Path(prepared_dir) / "shards" / s["name"]) for s in manifest.shards]
+    return [join(prepared_dir, "shards", s["name"]) for s in manifest.shards]
 
 
 def iterate_shards(paths: list[str]) -> wds.WebDataset:
@@ -80,18 +85,42 @@ _IMAGE_OFFSET, _IMAGE_SIZE, _META_OFFSET, _META_SIZE = range(4)
 _RUN_SAMPLES = 256  # samples per read call at most (a 512 px int16 slice is 0.5 MiB)
 
 
+@dataclass(frozen=True)
+class RangedRead:
+    """Samples of one shard with no gap between them: one read of bytes [begin, end)
+    (one ranged GET on an object store)."""
+
+    shard: int
+    local: np.ndarray  # sample numbers within the shard, ascending (repeats allowed)
+    slots: np.ndarray  # where each sample goes in the caller's output
+    begin: int
+    end: int
+
+
+def index_location(shard: str) -> str:
+    """``.../pretrain-NNNNNN.tar`` -> ``.../pretrain-NNNNNN.idx``, for a path or a URL."""
+    return shard[:-len(".tar")] + INDEX_SUFFIX if shard.endswith(".tar") else \
+        shard + INDEX_SUFFIX
+
+
 class IndexedShards:
     """A prepared dataset's pretraining samples, numbered 0..N-1 in manifest shard order.
 
     Sample ``i`` lives in shard ``s`` where ``starts[s] <= i < starts[s + 1]``. Index files
     are parsed on first use of their shard, so a loader worker only parses what it reads.
+    The dataset may be a local folder or an ``s3://`` URL; with a :class:`ShardCache`,
+    remote shards are copied to local disk once and read from there.
     """
 
-    def __init__(self, prepared_dir: str | Path) -> None:
+    def __init__(self, prepared_dir: str | Path, cache: ShardCache | None = None) -> None:
         manifest = Manifest.read(prepared_dir)
-        self.paths = [Path(prepared_dir) / "shards" / s["name"] for s in manifest.shards]
+        self.locations = [join(prepared_dir, "shards", s["name"]) for s in manifest.shards]
+        self.remote = is_url(prepared_dir)
+        self.entries = [ShardEntry(url, int(s["bytes"]), str(s["sha256"]))
+                        for url, s in zip(self.locations, manifest.shards)]
         self.counts = np.array([int(s["samples"]) for s in manifest.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.cache = cache if self.remote else None
         self._tables: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -100,51 +129,63 @@ class IndexedShards:
     def table(self, shard: int) -> np.ndarray:
         """(samples, 4) int64: image.npy and meta.json offset/size of each sample."""
         if shard not in self._tables:
-            self._tables[shard] = _parse_index(self.paths[shard], int(self.counts[shard]))
+            self._tables[shard] = _parse_index(self.locations[shard], int(self.counts[shard]))
         return self._tables[shard]
 
     def stored_image(self, number: int) -> np.ndarray:
         """Sample ``number``'s image as stored (source dtype and shape, not normalised)."""
         shard = int(np.searchsorted(self.starts, number, side="right")) - 1
         offset, size = self.table(shard)[number - self.starts[shard], :_IMAGE_SIZE + 1]
-        with open(self.paths[shard], "rb") as f:
-            f.seek(int(offset))
-            return decode_npy(f.read(int(size)), f"{self.paths[shard]}#{number}")
+        data = read_range(self.locations[shard], int(offset), int(offset + size))
+        return decode_npy(data, f"{self.locations[shard]}#{number}")
 
     def read(self, ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
-        """The decoded images of samples ``ids``, in that order.
-
-        Samples are fetched in file order, consecutive ones in one read, so a block of a
-        shuffled epoch costs a few sequential reads however it was permuted.
-        """
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError(f"sample numbers must lie in [0, {len(self)})")
+        """The decoded images of samples ``ids``, in that order (one read at a time; the
+        pretraining loader overlaps them with :func:`data_prep.read_ahead.read_ahead`)."""
         images: list[np.ndarray | None] = [None] * len(ids)
-        by_file = np.argsort(ids, kind="stable")
-        for shard, local, slots in _runs(ids[by_file], by_file, self.starts):
-            for image, slot in zip(self._read_run(shard, local), slots):
+        for request in self.plan(ids):
+            for slot, image in zip(request.slots, self.decode(request, self.fetch(request))):
                 images[slot] = image
         return images  # type: ignore[return-value]
 
-    def _read_run(self, shard: int, local: np.ndarray) -> Iterator[np.ndarray]:
-        """Decode samples ``local`` (sorted, consecutive or repeated) of one shard."""
-        rows = self.table(shard)[local]
-        begin = int(min(rows[:, _IMAGE_OFFSET].min(), rows[:, _META_OFFSET].min()))
-        end = int(max((rows[:, _IMAGE_OFFSET] + rows[:, _IMAGE_SIZE]).max(),
-                      (rows[:, _META_OFFSET] + rows[:, _META_SIZE]).max()))
-        path = self.paths[shard]
-        with open(path, "rb") as f:
-            f.seek(begin)
-            data = f.read(end - begin)
-        if len(data) != end - begin:
-            raise ValueError(f"{path}: shorter than its index says (truncated shard?)")
-        view = memoryview(data)
-        for number, row in zip(local, rows):
+    def plan(self, ids: Sequence[int] | np.ndarray) -> list[RangedRead]:
+        """The reads that fetch samples ``ids``: in file order, consecutive samples in one
+        read, so a block of a shuffled epoch costs a few sequential reads however it was
+        permuted."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"sample numbers must lie in [0, {len(self)})")
+        by_file = np.argsort(ids, kind="stable")
+        requests = []
+        for shard, local, slots in _runs(ids[by_file], by_file, self.starts):
+            rows = self.table(shard)[local]
+            begin = int(min(rows[:, _IMAGE_OFFSET].min(), rows[:, _META_OFFSET].min()))
+            end = int(max((rows[:, _IMAGE_OFFSET] + rows[:, _IMAGE_SIZE]).max(),
+                          (rows[:, _META_OFFSET] + rows[:, _META_SIZE]).max()))
+            requests.append(RangedRead(shard, local, slots, begin, end))
+        return requests
+
+    def fetch(self, request: RangedRead) -> bytes:
+        """The bytes of one read: from the local cache when it holds the shard."""
+        location = self.locations[request.shard]
+        if self.cache is not None:
+            copy = self.cache.lookup(self.entries[request.shard])
+            if copy is not None:
+                with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+                    return read_range(copy, request.begin, request.end)
+        return read_range(location, request.begin, request.end)  # short: truncated shard
+
+    def decode(self, request: RangedRead, data: bytes) -> list[np.ndarray]:
+        """Decode the samples of ``request`` from its bytes, in the request's order."""
+        view, begin = memoryview(data), request.begin
+        location = self.locations[request.shard]
+        images = []
+        for number, row in zip(request.local, self.table(request.shard)[request.local]):
             image_at, meta_at = row[_IMAGE_OFFSET] - begin, row[_META_OFFSET] - begin
-            yield decode_image(view[image_at:image_at + row[_IMAGE_SIZE]],
-                               bytes(view[meta_at:meta_at + row[_META_SIZE]]),
-                               f"{path}#{number}")
+            images.append(decode_image(view[image_at:image_at + row[_IMAGE_SIZE]],
+                                       bytes(view[meta_at:meta_at + row[_META_SIZE]]),
+                                       f"{location}#{number}"))
+        return images
 
 
 def _runs(sorted_ids: np.ndarray, slots: np.ndarray,
@@ -163,21 +204,21 @@ def _runs(sorted_ids: np.ndarray, slots: np.ndarray,
             yield int(shards[piece]), local[piece:stop], slots[piece:stop]
 
 
-
-def _parse_index(tar_path: Path, expected: int) -> np.ndarray:
+def _parse_index(shard: str, expected: int) -> np.ndarray:
     """A shard's index file as a table; errors name the file and what is wrong."""
-    index = default_index_path(tar_path)
+    index = index_location(shard)
+    name = name_of(shard)
     try:
-        lines = index.read_text().splitlines()
-    except OSError as exc:
-        raise FileNotFoundError(f"{index}: cannot read the index of {tar_path.name} ({exc}); "
+        lines = read_text(index).splitlines()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{index}: cannot read the index of {name} ({exc}); "
                                 "prepare the dataset again, or write it with "
                                 "data_prep.dali_index.write_dali_indices") from None
     header = lines[0].split() if lines else []
     if len(header) != 2 or header[0] != "v1.2" or header[1] != str(expected) or \
             len(lines) != expected + 1:
         raise ValueError(f"{index}: expected a v1.2 index of {expected} samples (the "
-                         f"manifest's count for {tar_path.name}), found header {header} and "
+                         f"manifest's count for {name}), found header {header} and "
                          f"{len(lines) - 1} sample lines")
     table = np.empty((expected, 4), dtype=np.int64)
     for number, line in enumerate(lines[1:]):

@@ -15,17 +15,23 @@ Layout (one group per split)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from cluster.storage import StorageError, is_url
+from cluster.storage.retry import retrying
+from cluster.storage.urls import normalize
 from data_prep.normalize import apply_norm
+from data_prep.remote_zarr import fsspec_store
 from data_prep.slices import SliceRecord
+
+T = TypeVar("T")
 
 _Compressors = BloscCodec | Literal["auto"]
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
@@ -83,77 +89,102 @@ def _str_list(value: object, where: str) -> list[str]:
 
 
 class LabeledSlices:
-    """Random access to one split of a labeled store: normalised images and masks."""
+    """Random access to one split of a labeled store: normalised images and masks.
 
-    def __init__(self, store_path: str | Path, split: str) -> None:
-        self.store_path = Path(store_path)
+    ``location`` is a local path or an ``s3://`` URL; on an object store every read is
+    retried whole on transient failures (:mod:`cluster.storage.retry`).
+    """
+
+    def __init__(self, location: str | Path, split: str) -> None:
+        self.location = normalize(location)
+        self.remote = is_url(self.location)
         try:
-            root = zarr.open_group(str(self.store_path), mode="r")
+            root = self.read(self._open_root, "open")
+        except StorageError:
+            raise
         except Exception as exc:
             raise FileNotFoundError(
-                f"{self.store_path}: not a readable zarr store ({exc})") from None
-        if split not in root:
-            raise KeyError(f"{self.store_path}: no split {split!r} "
+                f"{self.location}: not a readable zarr store ({exc})") from None
+        group = self.read(lambda: root.get(split), f"open of split {split!r}")
+        if group is None:
+            raise KeyError(f"{self.location}: no split {split!r} "
                            f"(has {sorted(name for name, _ in root.groups())})")
-        group = root[split]
         if not isinstance(group, zarr.Group):
-            raise ValueError(f"{self.store_path}: {split!r} is an array, not a split group")
+            raise ValueError(f"{self.location}: {split!r} is an array, not a split group")
         self.split = split
         self.group = group
+        self._columns: dict[str, zarr.Array] = {}
         self.patients: list[str] = _str_list(
-            self.group.attrs["patients"], f"{self.store_path}/{split} patients")
+            self.group.attrs["patients"], f"{self.location}/{split} patients")
         self.volumes: list[str] = _str_list(
-            self.group.attrs["volumes"], f"{self.store_path}/{split} volumes")
+            self.group.attrs["volumes"], f"{self.location}/{split} volumes")
         count = self.group.attrs["count"]
         if not isinstance(count, int):
-            raise ValueError(f"{self.store_path}/{split}: attribute 'count' is {count!r}, "
+            raise ValueError(f"{self.location}/{split}: attribute 'count' is {count!r}, "
                              "not an integer")
         self._count = count
+
+    def _open_root(self) -> zarr.Group:
+        store = fsspec_store(self.location) if self.remote else self.location
+        return zarr.open_group(store, mode="r")
+
+    def read(self, call: Callable[[], T], what: str) -> T:
+        """``call()``, a read of this store: on an object store retried on transient
+        failures, errors naming the store's URL."""
+        return retrying(call, self.location, what) if self.remote else call()
 
     def __len__(self) -> int:
         return self._count
 
     @cached_property
     def norm(self) -> np.ndarray:
-        return np.asarray(self.column("norm")[:])
+        return self._values("norm")
 
     @cached_property
     def patient_index(self) -> np.ndarray:
-        return np.asarray(self.column("patient")[:])
+        return self._values("patient")
 
     @cached_property
     def frames(self) -> np.ndarray:
-        return np.asarray(self.column("frame")[:])
+        return self._values("frame")
 
     @cached_property
     def slices(self) -> np.ndarray:
-        return np.asarray(self.column("slice")[:])
+        return self._values("slice")
 
     @cached_property
     def spacing(self) -> np.ndarray:
-        return np.asarray(self.column("spacing")[:])
+        return self._values("spacing")
 
     def patient_of(self, index: int) -> str:
         return self.patients[int(self.patient_index[index])]
 
     @cached_property
     def volume_index(self) -> np.ndarray:
-        return np.asarray(self.column("volume")[:])
+        return self._values("volume")
 
     def volume_of(self, index: int) -> str:
         return self.volumes[int(self.volume_index[index])]
 
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored image (source dtype) and mask of slice ``index``."""
-        image = np.asarray(self.column("image")[index])
-        return image, np.asarray(self.column("mask")[index])
+        return self.read(lambda: (np.asarray(self.column("image")[index]),
+                                  np.asarray(self.column("mask")[index])),
+                         f"read of {self.split} slice {index}")
+
+    def _values(self, name: str) -> np.ndarray:
+        return self.read(lambda: np.asarray(self.column(name)[:]),
+                         f"read of {self.split}/{name}")
 
     def column(self, name: str) -> zarr.Array:
         """The stored array ``name`` (image, mask, norm, ...) of this split."""
-        column = self.group[name]
-        if not isinstance(column, zarr.Array):
-            raise ValueError(f"{self.store_path}/{self.split}: {name!r} is a group, not an array")
-        return column
+        if name not in self._columns:  # opening reads its metadata: once, not per slice
+            column = self.group[name]
+            if not isinstance(column, zarr.Array):
+                raise ValueError(f"{self.location}/{self.split}: {name!r} is a group, "
+                                 "not an array")
+            self._columns[name] = column
+        return self._columns[name]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Normalised float32 image (H, W) and uint8 mask (H, W)."""

@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="one fine-tuning run")
     train.add_argument("--config", help="YAML file of FinetuneConfig keys")
-    for flag in ("data", "out", "init", "arch"):
+    train.add_argument("--data", help="prepared dataset: a folder or an s3:// URL")
+    for flag in ("out", "init", "arch"):
         train.add_argument(f"--{flag}")
     train.add_argument("--budget", type=int, help="annotated training slices (or patients, "
                        "with budget_unit=patients); 0 = the whole training split")

@@ -77,7 +77,7 @@ def _pair(value: tuple[float, float] | list[float], name: str) -> tuple[float, f
 
 @dataclass
 class FinetuneConfig:
-    data: str = ""  # prepared dataset folder
+    data: str = ""  # prepared dataset: a folder or an s3:// URL
     out: str = ""  # run directory
     arch: str = "resnet50"  # timm encoder name
     # "random"; "timm" (timm's default pretrained weights for arch, e.g. supervised

@@ -211,7 +211,7 @@ def _overview(study: StudyRuns, baseline: str, unit: str, note: str) -> list[Blo
     data = study.data
     try:
         manifest = Manifest.read(data) if data else None
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # OSError: also an object store that is not reachable
         manifest = None
     if manifest is not None:
         splits = ", ".join(f"{name} {len(patients)}" for name, patients in

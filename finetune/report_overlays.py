@@ -18,7 +18,10 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from cluster.storage import is_url, join
+from cluster.storage.objects import exists
 from data_prep.labeled_slices import load_slices
+from data_prep.manifest import MANIFEST_NAME
 from finetune.device_data import DeviceSlices
 from finetune.model import build_unet
 from finetune.overlays import CLASS_COLOURS
@@ -37,7 +40,7 @@ def overlay_grid(metrics: list[RunMetrics], palette: Palette, path: Path,
             chosen.setdefault(run.init, run)
     inits = [init for init in palette.order if init in chosen]
     data = chosen[inits[0]].config["data"]
-    if not Path(data).is_dir() or not all(
+    if not _dataset_here(data) or not all(
             (Path(chosen[i].run_dir) / BEST_WEIGHTS).is_file() for i in inits):
         return None
     test = load_slices(data, "test")
@@ -71,6 +74,16 @@ def overlay_grid(metrics: list[RunMetrics], palette: Palette, path: Path,
     figure.suptitle(f"Test slices at the smallest budget ({lowest}): predictions per "
                     "initialisation", fontsize=10)
     return save(figure, path, rect=(0, 0.04, 1, 1))
+
+
+def _dataset_here(data: str) -> bool:
+    """Whether the runs' dataset is still where they read it (a store may be unreachable)."""
+    if not is_url(data):
+        return Path(data).is_dir()
+    try:
+        return exists(join(data, MANIFEST_NAME))
+    except OSError:
+        return False
 
 
 def _most_foreground(masks: torch.Tensor, volumes: list[str], count: int) -> torch.Tensor:

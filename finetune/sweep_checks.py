@@ -26,7 +26,7 @@ def check_sweep(config: SweepConfig) -> None:
     try:
         manifest = Manifest.read(config.data)
         patients = slice_patients(config.data, "train")
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # OSError: a store unreachable, denied
         raise ConfigError(f"config key 'data': {exc}") from None
     for budget in config.budgets:
         try:

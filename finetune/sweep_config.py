@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, from_dict, to_dict
+from cluster.storage import is_url
+from cluster.storage.urls import normalize
 from finetune.config import FinetuneConfig
 from finetune.grid import run_dir_for
 from pretrain.checkpoint import CHECKPOINT_DIR, kept_checkpoint_name
@@ -52,7 +54,7 @@ class TrialResources:
 class SweepConfig:
     name: str = ""
     storage: str = ""  # the sweep lives in storage/name/ (a shared file system on a cluster)
-    data: str = ""  # prepared dataset, at a path every node sees
+    data: str = ""  # prepared dataset: a path every node sees, or an s3:// URL
     # FinetuneConfig keys shared by every trial (epochs, batch_size, arch, ...)
     base: dict[str, Any] = field(default_factory=dict)
     # name -> init: anything ``finetune train --init`` takes, or a mapping
@@ -138,7 +140,8 @@ def load_sweep_config(raw: dict[str, Any], cwd: Path | None = None) -> SweepConf
     config = from_dict(SweepConfig, raw)
     cwd = (cwd or Path.cwd()).resolve()
     config.storage = str(_absolute(config.storage, cwd))
-    config.data = str(_absolute(config.data, cwd))
+    config.data = normalize(config.data) if is_url(config.data) else \
+        str(_absolute(config.data, cwd))
     config.inits = {name: _absolute_init(name, value, cwd)
                     for name, value in config.inits.items()}
     base_config(config)  # base keys checked now, before anything starts

@@ -10,7 +10,7 @@ from pretrain.encoder_init import EncoderInit
 
 @dataclass
 class DataConfig:
-    path: str = ""  # prepared dataset folder (data_prep output)
+    path: str = ""  # prepared dataset: a folder or an s3:// URL (data_prep output)
     crop_size: int = 224
     batch_size: int = 128  # global, across all ranks (and accumulated micro batches)
     # > 0: a fixed per-rank micro batch instead; the global batch (and with it the
@@ -26,6 +26,19 @@ class DataConfig:
     # Draw shards with replacement up to epoch_samples per epoch instead of a permutation
     # of them: a fixed epoch length whatever the dataset size (mixtures, huge datasets).
     resampled: bool = False
+    # Reads each loader worker keeps in flight (ranged GETs on an object store, where each
+    # request waits tens of milliseconds); 1 reads one at a time.
+    read_ahead: int = 4
+    # Object-store datasets: a node-local folder that keeps whole shards once fetched, for
+    # later epochs (empty: none), bounded to cache_max_gb (least recently used go first).
+    cache_dir: str = ""
+    cache_max_gb: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.read_ahead < 1:
+            raise ValueError(f"read_ahead must be >= 1, got {self.read_ahead}")
+        if self.cache_max_gb <= 0:
+            raise ValueError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
 
 
 @dataclass
@@ -149,7 +162,10 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    out: str = ""  # run directory
+    out: str = ""  # run directory: a folder or an s3:// URL
+    # with an s3:// out: the node-local working copy of the run folder (default:
+    # $MEDSSL_LOCAL_RUNS or the temp folder, see cluster/storage/mirror.py)
+    local_dir: str = ""
     seed: int = 0
     log_every: int = 10
     progress: bool = True

@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.manifest import Manifest
+from data_prep.read_ahead import read_ahead
+from data_prep.shard_cache import ShardCache
 from data_prep.shard_reader import IndexedShards
 from pretrain.epoch_plan import Stretch, epoch_order, reader_positions, unread_positions
 
@@ -40,10 +42,10 @@ class _StretchReader(IterableDataset):
     """One rank's part of a stretch; each DataLoader worker yields its own batches."""
 
     def __init__(self, shards: IndexedShards, order: np.ndarray, parts: list[np.ndarray],
-                 skips: list[int], stretch: Stretch) -> None:
+                 skips: list[int], stretch: Stretch, read_ahead: int) -> None:
         super().__init__()
         self.shards, self.order, self.parts, self.skips = shards, order, parts, skips
-        self.stretch = stretch
+        self.stretch, self.read_ahead = stretch, read_ahead
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
@@ -53,25 +55,44 @@ class _StretchReader(IterableDataset):
         reader = (slot + self.stretch.done) % self.stretch.readers
         part, skip, block = self.parts[reader], self.skips[reader], max(1, self.stretch.block)
         micro = self.stretch.micro_batch
+        # Blocks start past the samples already delivered: skipped blocks are never read.
+        blocks = [part[max(start, skip):start + block]
+                  for start in range(skip - skip % block, len(part), block)]
         pending: list[np.ndarray] = []
-        # Read a block at a time (in file order, inside IndexedShards), starting past the
-        # samples already delivered: skipped blocks are never read.
-        for start in range(skip - skip % block, len(part), block):
-            positions = part[max(start, skip):start + block]
-            for image in self.shards.read(self.order[positions]):
+        for images in self._blocks(blocks):
+            for image in images:
                 pending.append(image)
                 if len(pending) == micro:
                     yield torch.from_numpy(np.stack(pending))
                     pending = []
 
+    def _blocks(self, blocks: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """Each block's images in delivery order. A block is read in file order (a few
+        ranged reads, see ``IndexedShards.plan``); reads of this block and the next ones
+        run ``read_ahead`` at a time while earlier ones are decoded."""
+        requests = ((number, request) for number, positions in enumerate(blocks)
+                    for request in self.shards.plan(self.order[positions]))
+        current, images = 0, [None] * (len(blocks[0]) if blocks else 0)
+        for (number, request), data in read_ahead(
+                requests, lambda item: self.shards.fetch(item[1]), self.read_ahead):
+            if number != current:
+                yield images  # type: ignore[misc]  # every slot of the block is filled
+                current, images = number, [None] * len(blocks[number])
+            for slot, image in zip(request.slots, self.shards.decode(request, data)):
+                images[slot] = image
+        if blocks:
+            yield images  # type: ignore[misc]
+
 
 def build_loader(data_path: str, *, seed: int, epoch: int, rank: int, stretch: Stretch,
                  history: Sequence[Stretch] = (), epoch_samples: int = 0,
-                 resampled: bool = False, pin_memory: bool = False) -> DataLoader:
+                 resampled: bool = False, pin_memory: bool = False, read_ahead: int = 4,
+                 cache: ShardCache | None = None) -> DataLoader:
     """Rank ``rank``'s loader for one stretch of ``epoch``: exactly ``stretch.batches -
     stretch.done`` tensors (micro_batch, C, H, W) float32, the samples no earlier stretch of
-    the epoch (``history``) delivered."""
-    shards = IndexedShards(data_path)
+    the epoch (``history``) delivered. ``data_path`` may be an ``s3://`` URL; each worker
+    keeps ``read_ahead`` reads in flight, through ``cache`` when given."""
+    shards = IndexedShards(data_path, cache=cache)
     length = pretrain_epoch_samples(data_path, epoch_samples, resampled)
     order = epoch_order(shards.counts, seed=seed, epoch=epoch, length=length,
                         resampled=resampled)
@@ -81,6 +102,6 @@ def build_loader(data_path: str, *, seed: int, epoch: int, rank: int, stretch: S
              for reader in range(stretch.readers)]
     skips = [stretch.reader_batches(r, stretch.done) * stretch.micro_batch
              for r in range(stretch.readers)]
-    reader = _StretchReader(shards, order, parts, skips, stretch)
+    reader = _StretchReader(shards, order, parts, skips, stretch, read_ahead)
     return DataLoader(reader, batch_size=None, num_workers=stretch.workers,
                       pin_memory=pin_memory, persistent_workers=False)

@@ -47,6 +47,7 @@ from pretrain.model import build_model
 from pretrain.optim import build_pretrain_optimizer
 from pretrain.probe import SegmentationProbe, check_probe_data
 from pretrain.probe_log import PROBE_FILE, ProbeLog, probe_summary, read_probe_log
+from pretrain.run_storage import RunStorage
 from pretrain.schedules import ema_momentum, warmup_cosine
 from pretrain.step import check_finite
 from pretrain.sync_batchnorm import convert_sync_batchnorm
@@ -75,13 +76,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     dist_info = init_distributed(prefer_cuda=config.run.device == "auto",
                                  timeout_s=config.run.dist_timeout_s)
     try:
-        return _train(config, dist_info)
+        storage = RunStorage(config.run.out, config.run.local_dir)
+        return _train(config, dist_info, storage)
     finally:
         shutdown(dist_info)
 
 
-def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
-    run_dir = Path(config.run.out)
+def _train(config: PretrainConfig, dist: DistInfo, storage: RunStorage) -> PretrainResult:
+    run_dir = storage.open(dist)  # a run in an object store: its node-local copy
     plan = plan_batches(config, dist.world_size, pretrain_epoch_samples(
         config.data.path, config.data.epoch_samples, config.data.resampled))
     torch.manual_seed(config.run.seed + dist.rank)
@@ -96,7 +98,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
             "peak_lr": plan.peak_lr, "resumed_at_step": start.step})
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     loop = EpochLoop(config, dist, plan, backend, start, run_dir=run_dir, writer=writer,
-                     probe=probe)
+                     probe=probe, storage=storage)
     loop.run()
     export_dir = run_dir / EXPORT_DIR
     if dist.is_main:
@@ -106,7 +108,7 @@ def _train(config: PretrainConfig, dist: DistInfo) -> PretrainResult:
                         probe=probe_summary(read_probe_log(run_dir / PROBE_FILE)))
         if writer is not None:
             writer.close()
-    barrier(dist)
+    storage.finished(dist)
     return PretrainResult(run_dir, export_dir, loop.step, loop.losses.value)
 
 
@@ -248,9 +250,10 @@ class CheckpointSaver:
     steps inside an epoch; never a state whose last loss was not finite."""
 
     def __init__(self, run_dir: Path, config: PretrainConfig, plan: BatchPlan,
-                 dist: DistInfo, backend: Backend, writer: SummaryWriter | None) -> None:
+                 dist: DistInfo, backend: Backend, writer: SummaryWriter | None,
+                 storage: RunStorage | None = None) -> None:
         self.run_dir, self.config, self.plan, self.dist = run_dir, config, plan, dist
-        self.backend, self.writer = backend, writer
+        self.backend, self.writer, self.storage = backend, writer, storage
 
     def due(self, step: int, steps_done: int) -> bool:
         """A checkpoint inside an epoch, after ``steps_done`` of its steps (run step
@@ -272,12 +275,15 @@ class CheckpointSaver:
             barrier(self.dist)  # every shard is in place before last.pt points at them
         if self.writer is not None:
             self.writer.flush()  # the logs up to a checkpoint survive a crash after it
+        kept = self.kept_name(epoch_done, steps_done)
         if self.dist.is_main:
             state = self.state(epoch_done=epoch_done, steps_done=steps_done, step=step,
                                rng=rng, shards=shards,
                                stretches=reading.stretches_at(steps_done) if reading else [])
-            save_checkpoint(self.run_dir, state, keep_as=self.kept_name(epoch_done, steps_done))
+            save_checkpoint(self.run_dir, state, keep_as=kept)
         barrier(self.dist)
+        if self.storage is not None:  # a run folder in an object store: upload it
+            self.storage.checkpoint_saved(self.dist, shards, kept)
 
     def state(self, *, epoch_done: int, steps_done: int, step: int,
               rng: list[dict[str, torch.Tensor]], shards: str | None,
@@ -303,7 +309,8 @@ class EpochLoop:
 
     def __init__(self, config: PretrainConfig, dist: DistInfo, plan: BatchPlan,
                  backend: Backend, start: ResumePoint, *, run_dir: Path,
-                 writer: SummaryWriter | None, probe: _LiveProbe | None) -> None:
+                 writer: SummaryWriter | None, probe: _LiveProbe | None,
+                 storage: RunStorage | None = None) -> None:
         self.config, self.dist, self.plan, self.backend = config, dist, plan, backend
         self.start, self.writer, self.probe = start, writer, probe
         self.total_steps = plan.steps_per_epoch * config.optim.epochs
@@ -317,7 +324,8 @@ class EpochLoop:
         self.log = StepLogger(writer, bar, backend.method, log_every=config.run.log_every,
                               global_batch=plan.global_batch,
                               steps_per_epoch=plan.steps_per_epoch, launch_step=start.step)
-        self.checkpoints = CheckpointSaver(run_dir, config, plan, dist, backend, writer)
+        self.checkpoints = CheckpointSaver(run_dir, config, plan, dist, backend, writer,
+                                           storage)
 
     def run(self) -> None:
         # before training: the random (or loaded) initialisation, or a probe a restart missed

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from cluster.distributed import DistInfo
+from data_prep.shard_cache import ShardCache
 from pretrain.batching import BatchPlan
 from pretrain.config import PretrainConfig
 from pretrain.data import Stretch, build_loader
@@ -57,9 +58,12 @@ def open_epoch(config: PretrainConfig, plan: BatchPlan, dist: DistInfo, epoch: i
     elif first and not history:
         print(f"warning: the checkpoint of epoch {epoch + 1} does not record which samples "
               "it read; the rest of the epoch is drawn from all of them", file=sys.stderr)
+    cache = ShardCache(data.cache_dir, int(data.cache_max_gb * 2**30)) \
+        if data.cache_dir else None
     loader = build_loader(data.path, seed=seed, epoch=epoch, rank=dist.rank, stretch=stretch,
                           history=history, epoch_samples=data.epoch_samples,
-                          resampled=data.resampled, pin_memory=dist.device.type == "cuda")
+                          resampled=data.resampled, pin_memory=dist.device.type == "cuda",
+                          read_ahead=data.read_ahead, cache=cache)
     return EpochReading(iter(loader), first, accum, stretch, history)
 
 

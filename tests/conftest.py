@@ -30,6 +30,7 @@ from pretrain.config import (
     RunConfig,
 )
 from tests.ray_cluster import RayCluster, start_cluster, stop_cluster
+from tests.s3_support import S3Server, environment, s3_environment
 
 # pytest-xdist runs one test process per worker (make test: one per core); each gets its
 # share of the cores, at most 2 (what the sizes below are chosen for).
@@ -91,7 +92,7 @@ def prepared(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def small_pretrain_config(data: Path, out: Path, **run: object) -> PretrainConfig:
+def small_pretrain_config(data: Path | str, out: Path | str, **run: object) -> PretrainConfig:
     return PretrainConfig(
         data=DataConfig(path=str(data), crop_size=32, batch_size=16, workers=1,
                         shuffle_buffer=32, epoch_samples=48),
@@ -154,3 +155,19 @@ def cluster() -> Iterator[RayCluster]:
     finally:
         stop_cluster(started)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# No test may let an AWS client probe the instance-metadata address for credentials.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3 server (moto's) on 127.0.0.1 for the session; the test process (and every
+    process it starts) talks to it through the standard AWS variables, set here."""
+    server = S3Server()
+    try:
+        with environment(s3_environment(server.endpoint)):
+            yield server
+    finally:
+        server.stop()

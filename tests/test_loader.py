@@ -14,7 +14,7 @@ import torch
 
 from cluster.distributed import DistInfo
 from data_prep.manifest import Manifest
-from data_prep.shard_reader import IndexedShards, iterate_shards, shard_paths
+from data_prep.shard_reader import IndexedShards, RangedRead, iterate_shards, shard_paths
 from pretrain.batching import plan_batches
 from pretrain.data import Stretch, build_loader, pretrain_epoch_samples
 from pretrain.epoch_loader import open_epoch
@@ -102,13 +102,13 @@ def test_resumed_stretch_continues_with_the_same_batches(
 def test_resume_reads_none_of_the_consumed_samples(prepared: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[int] = []
-    real_read = IndexedShards.read
+    real_plan = IndexedShards.plan
 
-    def counting_read(self: IndexedShards, ids: np.ndarray) -> list[np.ndarray]:
+    def counting_plan(self: IndexedShards, ids: np.ndarray) -> list[RangedRead]:
         reads.append(len(ids))
-        return real_read(self, ids)
+        return real_plan(self, ids)
 
-    monkeypatch.setattr(IndexedShards, "read", counting_read)
+    monkeypatch.setattr(IndexedShards, "plan", counting_plan)
     stretch = Stretch(world_size=1, micro_batch=8, workers=0, block=20, batches=30, done=17)
     assert len(list(build_loader(str(prepared), seed=0, epoch=0, rank=0,
                                  stretch=stretch))) == 13

@@ -1,0 +1,147 @@
+"""Reading and writing files that may live in an object store: one call for either place.
+
+Every function takes a local path, a ``file://`` URL or an ``s3://`` URL. Local paths go
+through the file system as before (writes atomic by temp file and rename); URLs through
+s3fs, each call retried on transient failures (:mod:`cluster.storage.retry`).
+
+What is atomic on an object store: one object. A PUT (single or multipart) becomes
+visible whole or not at all, so a reader never sees half an object; a set of objects (a
+checkpoint and its optimizer shards) is committed by writing the object that points at
+the others last (:mod:`cluster.storage.mirror`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from cluster.atomic import atomic_path, atomic_write_bytes
+from cluster.storage.client import filesystem, strip_scheme
+from cluster.storage.retry import retrying
+from cluster.storage.urls import PathOrUrl, is_url, local_path, normalize
+
+
+def read_bytes(location: PathOrUrl) -> bytes:
+    if not is_url(location):
+        return local_path(location).read_bytes()
+    url = normalize(location)
+    fs = filesystem(url)
+    return retrying(lambda: fs.cat_file(strip_scheme(url)), url, "read")
+
+
+def read_text(location: PathOrUrl) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def read_range(location: PathOrUrl, start: int, end: int) -> bytes:
+    """Bytes ``start`` up to ``end`` (exclusive): one ranged GET on a store. Fewer bytes
+    than asked means the object is shorter than its index says: a ValueError."""
+    if end <= start:
+        return b""
+    if is_url(location):
+        url = normalize(location)
+        fs = filesystem(url)
+        data = retrying(lambda: fs.cat_file(strip_scheme(url), start=start, end=end), url,
+                        f"read of bytes {start}-{end - 1}")
+    else:
+        url = str(local_path(location))
+        with open(url, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    if len(data) != end - start:
+        raise ValueError(f"{url}: holds fewer bytes than asked for ({start + len(data)} < "
+                         f"{end}); truncated?")
+    return data
+
+
+def exists(location: PathOrUrl) -> bool:
+    """Whether a file (object) exists at ``location``."""
+    if not is_url(location):
+        return local_path(location).is_file()
+    url = normalize(location)
+    fs = filesystem(url)
+    return bool(retrying(lambda: fs.isfile(strip_scheme(url)), url, "existence check"))
+
+
+def size_of(location: PathOrUrl) -> int:
+    if not is_url(location):
+        return local_path(location).stat().st_size
+    url = normalize(location)
+    fs = filesystem(url)
+    return int(retrying(lambda: fs.size(strip_scheme(url)), url, "size query"))
+
+
+def write_bytes(location: PathOrUrl, data: bytes) -> str:
+    """Write a whole file: temp file + rename locally, one PUT on a store."""
+    if not is_url(location):
+        return str(atomic_write_bytes(local_path(location), data))
+    url = normalize(location)
+    fs = filesystem(url)
+    retrying(lambda: fs.pipe_file(strip_scheme(url), data), url, "write")
+    return url
+
+
+def write_text(location: PathOrUrl, text: str) -> str:
+    return write_bytes(location, text.encode("utf-8"))
+
+
+def upload(local: str | os.PathLike[str], url: str) -> None:
+    """Copy a local file to ``url`` (one object, visible only once complete)."""
+    fs = filesystem(url)
+    retrying(lambda: fs.put_file(str(local), strip_scheme(url)), url, "upload")
+
+
+def download(url: str, local: str | os.PathLike[str]) -> Path:
+    """Copy the object at ``url`` to ``local`` atomically (no partial file on failure)."""
+    fs = filesystem(url)
+    destination = Path(local)
+
+    def fetch() -> None:
+        with atomic_path(destination) as tmp:
+            fs.get_file(strip_scheme(url), str(tmp))
+
+    retrying(fetch, url, "download")
+    return destination
+
+
+def list_files(location: PathOrUrl) -> dict[str, int]:
+    """Every file below ``location``: relative POSIX name -> size in bytes ({} if none)."""
+    if not is_url(location):
+        root = local_path(location)
+        if not root.is_dir():
+            return {}
+        return {path.relative_to(root).as_posix(): path.stat().st_size
+                for path in sorted(root.rglob("*")) if path.is_file()}
+    url = normalize(location)
+    fs = filesystem(url)
+    prefix = strip_scheme(url)
+
+    def walk() -> dict[str, int]:
+        found = fs.find(prefix, detail=True)
+        return {name[len(prefix) + 1:]: int(info["size"]) for name, info in found.items()
+                if name.startswith(prefix + "/") and info.get("type") != "directory"}
+
+    return retrying(walk, url, "listing")
+
+
+def delete(location: PathOrUrl) -> None:
+    """Remove one file; a missing one is no error."""
+    if not is_url(location):
+        local_path(location).unlink(missing_ok=True)
+        return
+    url = normalize(location)
+    fs = filesystem(url)
+
+    def remove() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(strip_scheme(url))
+
+    retrying(remove, url, "delete")
+
+
+def copy(source: str, destination: str) -> None:
+    """Copy one object to another key of the same store, server-side (no download)."""
+    fs = filesystem(source)
+    retrying(lambda: fs.copy(strip_scheme(normalize(source)),
+                             strip_scheme(normalize(destination))), source, "copy")
