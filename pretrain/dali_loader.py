@@ -6,18 +6,26 @@ configs, also augments them, on the GPU when the device is CUDA and on the CPU o
 (``device_id=None``). Each rank reads its own contiguous part of the samples
 (``shard_id``/``num_shards``). DALI is an optional dependency: this module imports
 without it and :func:`build_dali_loader` says how to install it.
+
+A dataset at an ``s3://`` URL is read by DALI itself: it gets the shard and index URLs and
+opens them with its bundled AWS SDK (endpoint ``AWS_ENDPOINT_URL`` or
+``AWS_ENDPOINT_URL_S3``, region and credentials from the standard AWS places, read once per
+process), one ranged GET per sample component, on the CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_prep.dali_index import default_index_path
-from data_prep.shard_reader import IndexedShards, shard_paths
+from cluster.storage import is_url, join, parent_of
+from cluster.storage.objects import list_files
+from data_prep.manifest import Manifest
+from data_prep.shard_reader import IndexedShards, index_location
 from pretrain.config import ViewConfig
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -39,15 +47,47 @@ def require_dali() -> None:
             "or use the WebDataset loader") from exc
 
 
+def shard_locations(data_path: str) -> list[str]:
+    """Each shard's path (its URL for an ``s3://`` dataset), in manifest order."""
+    return [join(data_path, "shards", s["name"]) for s in Manifest.read(data_path).shards]
+
+
 def index_paths(paths: list[str]) -> list[str]:
     """The DALI index file of each shard, which ``prepare`` writes next to it."""
-    indices = [default_index_path(Path(p)) for p in paths]
+    indices = [index_location(p) for p in paths]
+    present = _present(indices)
     for tar, index in zip(paths, indices):
-        if not index.is_file():
+        if index not in present:
             raise FileNotFoundError(
                 f"{index} does not exist: DALI needs an index file next to {tar}; prepare the "
                 "dataset again, or write them with data_prep.dali_index.write_dali_indices")
-    return [str(i) for i in indices]
+    return indices
+
+
+def _present(files: list[str]) -> set[str]:
+    """Those of ``files`` that exist. On a store, one listing per folder: it also fails early,
+    with medssl's retries and messages, where DALI would only say "S3 Object not found"."""
+    if not files or not is_url(files[0]):
+        return {f for f in files if Path(f).is_file()}
+    return {join(folder, name) for folder in {parent_of(f) for f in files}
+            for name in list_files(folder)}
+
+
+def check_s3_endpoint(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse endpoint settings under which DALI would read another store than medssl.
+
+    DALI sets its S3 client's endpoint from ``AWS_ENDPOINT_URL`` (``s3_client_manager.cc``),
+    which thereby wins over ``AWS_ENDPOINT_URL_S3``; botocore and s3fs, which read the
+    manifest and index files, prefer ``AWS_ENDPOINT_URL_S3``. Either one alone is read by
+    both (DALI's AWS SDK honours ``AWS_ENDPOINT_URL_S3`` itself). Values are not printed:
+    an endpoint may carry user information.
+    """
+    general, s3 = environ.get("AWS_ENDPOINT_URL"), environ.get("AWS_ENDPOINT_URL_S3")
+    if general and s3 and general.rstrip("/") != s3.rstrip("/"):
+        raise ValueError(
+            "AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_S3 differ: DALI's S3 reader would use "
+            "AWS_ENDPOINT_URL and the rest of medssl AWS_ENDPOINT_URL_S3, two different "
+            "stores; set only one of them, or both to the same endpoint")
 
 
 def image_ndim(data_path: str) -> int:
@@ -65,7 +105,8 @@ def build_dali_loader(
     views: tuple[ViewConfig, ViewConfig] | None = None, crop_size: int = 0,
 ) -> Iterator[Batch]:
     """An endless iterator of float32 batches: (B, C, H, W) normalised images, or with
-    ``views`` two augmented views (B, C, crop_size, crop_size) each.
+    ``views`` two augmented views (B, C, crop_size, crop_size) each. ``data_path`` is a
+    prepared dataset's folder or ``s3://`` URL.
 
     With ``shuffle_buffer > 1`` the shard order is permuted by ``seed`` (the same on every
     rank, so the ranks' parts stay disjoint) and samples pass a shuffle buffer; otherwise
@@ -84,7 +125,9 @@ def build_dali_loader(
 
     from pretrain.dali_pipeline import build_pipeline
 
-    paths = shard_paths(data_path)
+    paths = shard_locations(data_path)
+    if is_url(data_path):
+        check_s3_endpoint()
     if shuffle_buffer > 1:
         paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
     indices = index_paths(paths)

@@ -40,11 +40,16 @@ def norm_rows(metas: list[np.ndarray], sources: list[np.ndarray]) -> list[np.nda
 
 def read_samples(paths: list[str], index_paths: list[str], *, shard_id: int, num_shards: int,
                  shuffle_buffer: int) -> tuple[DataNode, DataNode]:
-    """Encoded ``image.npy`` and ``meta.json`` of this rank's part of the shards."""
+    """Encoded ``image.npy`` and ``meta.json`` of this rank's part of the shards (paths or
+    ``s3://`` URLs, which DALI reads itself)."""
+    # lazy_init: the reader opens its files (for URLs: HEAD and GET requests) in the first
+    # run, on DALI's threads, instead of in build(), which holds the GIL throughout and
+    # would stall every other Python thread of the process (an in-process S3 server too).
     outputs = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["image.npy", "meta.json"],
         missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1))
+        random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1),
+        lazy_init=True)
     if outputs is None or isinstance(outputs, DataNode) or len(outputs) != 2:
         raise RuntimeError(f"DALI's webdataset reader returned {outputs!r}, "
                            "not one output per extension (image.npy, meta.json)")
