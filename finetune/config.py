@@ -81,9 +81,10 @@ class FinetuneConfig:
     out: str = ""  # run directory
     arch: str = "resnet50"  # timm encoder name
     # "random"; "timm" (timm's default pretrained weights for arch, e.g. supervised
-    # ImageNet) or "timm:ARCH.TAG", both through the Hugging Face hub cache; or a local
-    # timm-named weights file, pretrain export folder, pretrain run folder or checkpoint
-    # (also one of a hierarchical chain: its export records what it started from).
+    # ImageNet) or "timm:ARCH.TAG", both through the Hugging Face hub cache; or a
+    # timm-named weights file, pretrain export folder, pretrain run folder or checkpoint,
+    # as a path or an s3:// URL (also one of a hierarchical chain: its export records
+    # what it started from).
     init: str = "random"
     init_name: str = ""  # label used in reports; defaults to "random" or the init path
     # The first K epochs train the decoder only (encoder weights and BatchNorm statistics

@@ -1,6 +1,7 @@
 """``python -m pretrain`` / ``torchrun ... -m pretrain``: self-supervised pretraining.
 
-``python -m pretrain export --run RUN_DIR`` exports a run's backbone from a checkpoint.
+``python -m pretrain export --run RUN_DIR`` exports a run's backbone from a checkpoint
+(``RUN_DIR`` may be an ``s3://`` URL: the export is written there).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from cluster.cli_errors import report_input_errors
 from cluster.config import load_config
@@ -43,12 +43,13 @@ def export_main(argv: Sequence[str]) -> int:
         prog="python -m pretrain export",
         description="Write a run's backbone (timm-named safetensors + JSON) from its latest "
                     "or a kept checkpoint, e.g. while it still runs or for an early epoch.")
-    parser.add_argument("--run", required=True, type=Path, help="pretrain run directory")
+    # str, not Path: a URL's "//" must survive
+    parser.add_argument("--run", required=True, help="pretrain run directory or s3:// URL")
     parser.add_argument("--checkpoint", default="last.pt",
-                        help="a name in RUN/checkpoints (last.pt, epoch0003.pt) or a path")
-    parser.add_argument("--out", type=Path,
-                        help="output folder (default: RUN/export for last.pt, else "
-                             "RUN/export-NAME)")
+                        help="a name in RUN/checkpoints (last.pt, epoch0003.pt), a path "
+                             "or a URL")
+    parser.add_argument("--out", help="output folder or s3:// URL (default: RUN/export for "
+                                      "last.pt, else RUN/export-NAME)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     return report_input_errors(lambda: _export(args), args.debug)

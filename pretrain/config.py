@@ -46,8 +46,8 @@ class ModelConfig:
     arch: str = "resnet50"  # any timm model name; ViTs are built for data.crop_size
     in_chans: int = 1
     # "random"; "timm" (timm's default pretrained weights for arch) or "timm:ARCH.TAG"
-    # (fetched through the Hugging Face hub cache); or a local weights file, pretrain
-    # export folder, run folder or checkpoint (hierarchical pretraining).
+    # (fetched through the Hugging Face hub cache); or a weights file, pretrain export
+    # folder, run folder or checkpoint (hierarchical pretraining): a path or s3:// URL.
     init: str = "random"
 
     def __post_init__(self) -> None:

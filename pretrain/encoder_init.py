@@ -8,17 +8,21 @@ local path: an ``export`` (folder, ``backbone.json`` or its ``backbone.safetenso
 a ``run`` folder (its export), a pretraining ``checkpoint``, an ``epoch`` (a kept
 ``checkpoints/epochNNNN.pt`` of a run) or a ``weights file`` (timm-named
 safetensors or torch state dict, e.g. ImageNet weights). A path that holds none of them
-is ``unresolved``: loading it fails, a chain shows it.
+is ``unresolved``: loading it fails, a chain shows it. An ``s3://`` URL of any of these
+is the same kind and loads the same weights (``pretrain.stored_init`` fetches its files).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cluster.storage.urls import is_url, name_of, normalize, parent_of
 from pretrain.encoder_errors import EncoderMismatchError
 from pretrain.export_meta import BackboneMeta, find_backbone_meta
+from pretrain.stored_init import StoredInit, locate, require
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,11 +55,23 @@ class EncoderInit:
         if name is not None and _family(name) != _family(arch):
             raise EncoderMismatchError(f"{key}: {text!r} names weights of another "
                                        f"architecture than arch {arch!r}")
+        try:
+            is_url(text)  # an unsupported scheme (gs://) is refused with the config
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
         return cls(text, key, name)
 
     @property
+    def url(self) -> str | None:
+        """The object-store URL the init names, if it names one."""
+        named = self.text != "random" and self.timm_name is None and is_url(self.text)
+        return normalize(self.text) if named else None
+
+    @property
     def path(self) -> Path | None:
-        return None if self.text == "random" or self.timm_name is not None else Path(self.text)
+        """The local path the init names, if it names one."""
+        named = self.text != "random" and self.timm_name is None and self.url is None
+        return Path(self.text) if named else None
 
     @property
     def kind(self) -> InitKind:
@@ -64,47 +80,41 @@ class EncoderInit:
             return "random"
         if self.timm_name is not None:
             return "timm"
-        return _path_kind(Path(self.text))
+        return _path_kind(Path(self.text)) if self.url is None else \
+            _stored_kind(locate(self.url))
 
     @property
     def epoch(self) -> int | None:
         """For a kept end-of-epoch checkpoint of a run: its epoch."""
         path = self.path
+        if self.url is not None:  # by its name, as for a path
+            path = Path(name_of(parent_of(self.url)), name_of(self.url))
         return None if path is None else _kept_epoch(path)
 
     def recorded(self) -> str:
         """The init as an export records it: a local path made absolute, so the chain
-        behind the export still resolves from another working directory."""
+        behind the export still resolves from another working directory; a URL as is."""
         path = self.path
+        if self.url is not None:
+            return self.url
         return str(path.resolve()) if path is not None and path.exists() else self.text
 
     def build_encoder(self, arch: str, in_chans: int, img_size: int | None = None) -> nn.Module:
         """A timm encoder of ``arch`` (classifier removed) holding these weights; any
         mismatch of architecture, input channels, keys or shapes raises first."""
-        from pretrain.weights import (
-            create_encoder,
-            create_pretrained_encoder,
-            load_into_encoder,
-            read_encoder_weights,
-        )
+        from pretrain.weights import create_encoder, create_pretrained_encoder
 
         if self.timm_name is not None:
             return create_pretrained_encoder(self.timm_name, in_chans, img_size, key=self.key)
         encoder = create_encoder(arch, in_chans, img_size)
         if self.text == "random":
             return encoder
-        weights = read_encoder_weights(self.text)
-        if weights.arch and _family(weights.arch) != _family(arch):
-            raise EncoderMismatchError(f"{weights.source}: weights are for {weights.arch!r}, "
-                                       f"the encoder is {arch!r}: "
-                                       f"{_key_report(weights, encoder)}")
-        if weights.in_chans and weights.in_chans != in_chans:
-            # Exports say what they were trained on: a 3-channel export for a 1-channel
-            # encoder is a wrong path, not an ImageNet file to adapt (those say nothing).
-            raise EncoderMismatchError(f"{weights.source}: weights are for {weights.in_chans} "
-                                       f"input channel(s), the encoder takes {in_chans}: "
-                                       f"{_key_report(weights, encoder)}")
-        load_into_encoder(encoder, weights)
+        if self.url is None:
+            _load(encoder, Path(self.text), arch, in_chans)
+            return encoder
+        stored = require(self.url)
+        with stored.naming_urls():
+            _load(encoder, stored.local(), arch, in_chans)
         return encoder
 
     def chain(self, arch: str) -> InitChain:
@@ -132,26 +142,38 @@ class EncoderInit:
     def _link(self, arch: str) -> tuple[dict[str, Any], EncoderInit | None, str]:
         """This init's link of the chain, the init it started from (if recorded) and the
         architecture that one was for."""
-        kind = self.kind
-        if kind == "random":
+        if self.text == "random":
             return {"init": self.text, "kind": "random"}, None, arch
         if self.timm_name is not None:
             return ({"init": self.text, "kind": "timm", "weights": self.timm_name,
                      **_hub_id(self.timm_name)}, None, arch)
-        path = Path(self.text)
+        if self.url is None:
+            path = Path(self.text)
+            return self._file_link(_path_kind(path), path, _absolute, arch)
+        stored = locate(self.url)
+        kind = _stored_kind(stored)
+        if stored is None or kind == "unresolved":
+            return {"init": self.text, "kind": "unresolved", "source": self.url}, None, arch
+        # an export's description is all a link reads: its weights stay in the store
+        path = stored.local(description_only=kind in ("export", "run"))
+        return self._file_link(kind, path, stored.url_of, arch)
+
+    def _file_link(self, kind: InitKind, path: Path, source: Callable[[Path], str],
+                   arch: str) -> tuple[dict[str, Any], EncoderInit | None, str]:
+        """The link of a local file or folder (or the local copy of a URL's), its
+        ``source`` told by ``source``."""
         if kind in ("export", "run"):
             meta_path = find_backbone_meta(path)
             assert meta_path is not None  # the kind says it is there
-            return self._export_link(meta_path, arch)
+            return self._export_link(meta_path, source(meta_path), arch)
         if kind in ("checkpoint", "epoch"):
-            return self._checkpoint_link(path, arch)
-        return {"init": self.text, "kind": kind, "source": str(path.resolve())}, None, arch
+            return self._checkpoint_link(path, source(path), arch)
+        return {"init": self.text, "kind": kind, "source": source(path)}, None, arch
 
-    def _export_link(self, meta_path: Path,
+    def _export_link(self, meta_path: Path, source: str,
                      arch: str) -> tuple[dict[str, Any], EncoderInit | None, str]:
         meta = BackboneMeta.read(meta_path)
-        link: dict[str, Any] = {"init": self.text, "kind": "export",
-                                "source": str(meta_path.resolve()),
+        link: dict[str, Any] = {"init": self.text, "kind": "export", "source": source,
                                 "architecture": meta.architecture, "in_chans": meta.in_chans,
                                 "method": meta.method, "epochs": meta.epochs,
                                 "planned_epochs": meta.planned_epochs, "steps": meta.steps,
@@ -160,15 +182,14 @@ class EncoderInit:
             link["checkpoint"] = meta.checkpoint
         return link, self._parent(meta.init, meta.architecture), meta.architecture
 
-    def _checkpoint_link(self, path: Path,
+    def _checkpoint_link(self, path: Path, source: str,
                          arch: str) -> tuple[dict[str, Any], EncoderInit | None, str]:
         saved = _peek_checkpoint(path)
         if saved is None:  # gone or changed since the kind was read
-            return {"init": self.text, "kind": "unresolved",
-                    "source": str(path.resolve())}, None, arch
+            return {"init": self.text, "kind": "unresolved", "source": source}, None, arch
         config = saved.config
         model = config.get("model", {})
-        link = {"init": self.text, "kind": "checkpoint", "source": str(path.resolve()),
+        link = {"init": self.text, "kind": "checkpoint", "source": source,
                 "architecture": model.get("arch"), "epochs": saved.epoch, "steps": saved.step,
                 "method": config.get("method", {}).get("name"),
                 "data": {"path": config.get("data", {}).get("path")}}
@@ -179,6 +200,37 @@ class EncoderInit:
         """The init an export or checkpoint records; recorded timm names were checked
         when that run started."""
         return None if text is None else EncoderInit.parse(text, arch, self.key)
+
+
+def _load(encoder: nn.Module, path: Path, arch: str, in_chans: int) -> None:
+    """Load the weights at ``path`` into ``encoder``; any mismatch of architecture, input
+    channels, keys or shapes raises first."""
+    from pretrain.weights import load_into_encoder, read_encoder_weights
+
+    weights = read_encoder_weights(path)
+    if weights.arch and _family(weights.arch) != _family(arch):
+        raise EncoderMismatchError(f"{weights.source}: weights are for {weights.arch!r}, "
+                                   f"the encoder is {arch!r}: "
+                                   f"{_key_report(weights, encoder)}")
+    if weights.in_chans and weights.in_chans != in_chans:
+        # Exports say what they were trained on: a 3-channel export for a 1-channel
+        # encoder is a wrong path, not an ImageNet file to adapt (those say nothing).
+        raise EncoderMismatchError(f"{weights.source}: weights are for {weights.in_chans} "
+                                   f"input channel(s), the encoder takes {in_chans}: "
+                                   f"{_key_report(weights, encoder)}")
+    load_into_encoder(encoder, weights)
+
+
+def _stored_kind(stored: StoredInit | None) -> InitKind:
+    """The kind of what a URL holds: from its listing, or for a file from its contents
+    (fetched: it is about to be loaded anyway), as for its local form."""
+    if stored is None:
+        return "unresolved"
+    return stored.kind or _path_kind(stored.local())
+
+
+def _absolute(path: Path) -> str:
+    return str(path.resolve())
 
 
 def _family(name: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.atomic import atomic_write_text
+from cluster.storage.objects import read_text
 
 PROBE_FILE = "probe.csv"
 FRACTION_OF_BEST = 0.95
@@ -38,13 +39,15 @@ class ProbeLog:
         return row
 
 
-def read_probe_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``probe.csv`` (numbers as numbers); [] when there is none."""
-    path = Path(path)
-    if not path.is_file():
+def read_probe_log(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``probe.csv`` (a path or a URL; numbers as numbers); [] when there
+    is none."""
+    try:
+        text = read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
         return []
     rows = []
-    for raw in csv.DictReader(path.read_text().splitlines()):
+    for raw in csv.DictReader(text.splitlines()):
         row: dict[str, Any] = {}
         for key, value in raw.items():
             row[key] = None if value in ("", None) else (

@@ -1,4 +1,5 @@
-"""A run folder that lives at a URL, worked on in a node-local folder.
+"""A run folder that lives at a URL, worked on in a node-local folder (and a folder
+written once, staged locally: :func:`staged_folder`).
 
 Training code writes files to a local folder as it always has; the mirror uploads what
 changed at each checkpoint and, on a fresh node, downloads the folder before a run
@@ -14,15 +15,16 @@ new checkpoint replaced) are deleted remotely only after that.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cluster.storage.objects import delete, download, list_files, upload
-from cluster.storage.urls import join, normalize
+from cluster.storage.urls import is_url, join, local_path, name_of, normalize
 
 LOCAL_ROOT_ENV = "MEDSSL_LOCAL_RUNS"  # where node-local copies of URL run folders live
 
@@ -33,13 +35,18 @@ def _keep_all(name: str) -> bool:
     return False
 
 
-def local_folder_for(url: str, local_root: str = "") -> Path:
-    """The node-local working folder of the run folder at ``url``: under ``local_root``,
-    else ``$MEDSSL_LOCAL_RUNS``, else the system temp folder; named by the URL."""
-    root = local_root or os.environ.get(LOCAL_ROOT_ENV) or \
-        os.path.join(tempfile.gettempdir(), "medssl-runs")
-    digest = hashlib.sha256(normalize(url).encode()).hexdigest()[:12]
-    return Path(root) / f"{normalize(url).rsplit('/', 1)[-1]}-{digest}"
+def node_local_root(given: str = "") -> Path:
+    """Where node-local copies live: ``given``, else ``$MEDSSL_LOCAL_RUNS``, else a folder
+    in the system temp folder."""
+    return Path(given or os.environ.get(LOCAL_ROOT_ENV) or
+                os.path.join(tempfile.gettempdir(), "medssl-runs"))
+
+
+def local_folder_for(url: str, local_root: str = "", key: str = "") -> Path:
+    """The node-local working folder of the run folder at ``url``: under
+    :func:`node_local_root`, named by the URL (and ``key``, when given)."""
+    digest = hashlib.sha256((normalize(url) + key).encode()).hexdigest()[:12]
+    return node_local_root(local_root) / f"{name_of(url)}-{digest}"
 
 
 class FolderMirror:
@@ -93,3 +100,18 @@ class FolderMirror:
 
     def _changed(self, name: str) -> bool:
         return self._pushed.get(name) != self._stat(name)
+
+
+@contextlib.contextmanager
+def staged_folder(location: str | os.PathLike[str], commit: Sequence[str] = ()) -> Iterator[Path]:
+    """A folder to write into for ``location``: the local folder itself, or for a URL a
+    temporary one uploaded on success, ``commit`` files last (a reader that looks for
+    them finds the rest there already)."""
+    if not is_url(location):
+        yield local_path(location)
+        return
+    root = node_local_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="staged-", dir=root) as tmp:
+        yield Path(tmp)
+        FolderMirror(Path(tmp), str(location)).push(commit=commit)

@@ -125,6 +125,39 @@ def list_files(location: PathOrUrl) -> dict[str, int]:
     return retrying(walk, url, "listing")
 
 
+def versions(location: PathOrUrl) -> dict[str, str]:
+    """What is at ``location``, each file with a version that changes when its content
+    does (size and ETag on a store, size and mtime locally): ``{"": version}`` for a
+    file, relative POSIX name -> version for every file below a folder, {} for nothing.
+    One listing on a store (and one HEAD, for a file)."""
+    if not is_url(location):
+        root = local_path(location)
+        if root.is_file():
+            return {"": _local_version(root)}
+        return {path.relative_to(root).as_posix(): _local_version(path)
+                for path in sorted(root.rglob("*")) if path.is_file()}
+    url = normalize(location)
+    fs = filesystem(url)
+    prefix = strip_scheme(url)
+
+    def walk() -> dict[str, str]:
+        found = fs.find(prefix, detail=True)  # the object itself, or the keys below it
+        return {name[len(prefix) + 1:]: f"{info['size']}-{_etag(info)}"
+                for name, info in found.items() if info.get("type") != "directory"
+                and (name == prefix or name.startswith(prefix + "/"))}
+
+    return retrying(walk, url, "listing")
+
+
+def _local_version(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _etag(info: dict) -> str:
+    return str(info.get("ETag") or info.get("etag") or "").strip('"')
+
+
 def delete(location: PathOrUrl) -> None:
     """Remove one file; a missing one is no error."""
     if not is_url(location):
