@@ -14,10 +14,12 @@ import sys
 from collections.abc import Callable
 
 from cluster.storage.errors import StorageError
+from cluster.storage.lease import LeaseHeld
 
-# StorageError: an object store unreachable past every retry (the message names the URL)
+# StorageError: an object store unreachable past every retry (the message names the URL);
+# LeaseHeld: another live driver runs the sweep (the message names it)
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-                StorageError)
+                StorageError, LeaseHeld)
 DEBUG_ENV = "MEDSSL_DEBUG"
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from cluster.cli_errors import report_input_errors
 from cluster.config import load_config
+from cluster.storage import join
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,21 +115,21 @@ def _sweep(args: argparse.Namespace) -> int:
           f"{len(results.rows) + len(results.unfinished)} trials complete ({outcome.where})")
     for trial in results.unfinished:
         print(f"  not finished: {trial.key} ({trial.run_dir})", file=sys.stderr)
-    print(config.sweep_dir / "results.csv")
+    print(join(config.sweep_dir, "results.csv"))
     if outcome.report is not None:
-        print(outcome.report.resolve())
+        print(outcome.report)
     return 0 if results.complete else 1
 
 
 def _report(args: argparse.Namespace) -> int:
-    from finetune.report import ReportSettings, build_report
+    from finetune.report import ReportSettings, publish_report
 
     path = args.path or args.runs
     if path is None:
         print("error: give the folder to report on (a sweep or a folder of run folders)",
               file=sys.stderr)
         return 2
-    page = build_report(path, args.out, ReportSettings(
+    page = publish_report(path, args.out, ReportSettings(
         baseline=args.baseline, targets=args.targets, overlays=args.overlays))
-    print(page.resolve())
+    print(page)
     return 0

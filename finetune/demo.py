@@ -103,7 +103,7 @@ def run_demo(config: DemoConfig) -> Path:
         raise RuntimeError(f"fine-tuning trials failed: "
                            f"{', '.join(t.key for t in outcome.results.unfinished)}")
     _stage("5/5 report written")
-    return outcome.report
+    return Path(outcome.report)
 
 
 def demo_sweep(config: DemoConfig, prepared: Path, export: Path) -> SweepConfig:

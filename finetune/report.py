@@ -9,6 +9,7 @@ same content, the figures as PNG, and every table as CSV and parquet under ``tab
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import pandas as pd
 import yaml
 
 from cluster.atomic import atomic_path, atomic_write_text
+from cluster.storage import is_url, join
+from cluster.storage.mirror import FolderMirror, local_folder_for
 from data_prep.manifest import Manifest
 from finetune import report_figures as figures
 from finetune import report_findings as findings
@@ -62,6 +65,23 @@ def build_report(path: str | Path, out: str | Path | None = None,
                                else "medssl study report")
     _, page = write_pages(out, title, blocks)
     return page
+
+
+def publish_report(path: str | Path, out: str | Path | None = None,
+                   settings: ReportSettings | None = None) -> str:
+    """``build_report`` for runs and an output anywhere: a report on runs in an object
+    store (or into one) is built in a node-local folder and uploaded; returns the page's
+    path or URL. Reading needs nothing but the store: no file system is shared."""
+    target = str(out) if out is not None else join(path, "report")
+    if not is_url(target) and not is_url(path):
+        return str(build_report(path, out, settings).resolve())
+    if not is_url(target):
+        return str(build_report(path, target, settings).resolve())
+    staging = local_folder_for(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    page = build_report(path, staging, settings)
+    FolderMirror(staging, target).push()
+    return join(target, page.name)
 
 
 def _baseline(study: StudyRuns, settings: ReportSettings) -> tuple[str, str]:

@@ -17,6 +17,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from cluster.storage import StorageError, is_url, join, local_path, parent_of
+from cluster.storage.objects import list_files, read_text
+from cluster.storage.urls import normalize
 from finetune.outputs import result_row
 from finetune.report_stats import pretraining_epochs, pretraining_series
 from finetune.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
@@ -50,20 +53,26 @@ class StudyRuns:
 
 
 def load_study(path: str | Path) -> StudyRuns:
-    """Every run under ``path`` (a sweep folder, or any folder holding run folders)."""
-    path = Path(path)
-    if not path.is_dir():
+    """Every run under ``path`` (a sweep folder, or any folder holding run folders; a
+    path or an ``s3://`` URL)."""
+    if not is_url(path) and not local_path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such folder of runs")
-    sweep_file = path / SWEEP_CONFIG
-    sweep = yaml.safe_load(sweep_file.read_text()) if sweep_file.is_file() else None
+    names = list_files(path)  # one listing, also of an object store
+    if not names and is_url(path):
+        raise FileNotFoundError(f"{path}: no such folder of runs")
+    sweep = yaml.safe_load(read_text(join(path, SWEEP_CONFIG))) if SWEEP_CONFIG in names \
+        else None
     metrics, unfinished = [], []
-    for metrics_path in sorted(path.rglob(METRICS_FILE)):
+    found = [name for name in names if name.rsplit("/", 1)[-1] == METRICS_FILE]
+    for name in sorted(found, key=lambda n: n.split("/")):
+        location = join(path, name)
         try:
-            loaded = read_run_metrics(metrics_path)
-        except OSError as exc:
-            raise ValueError(f"{metrics_path}: not a readable metrics file ({exc})") from None
+            loaded = read_run_metrics(location)
+        except (OSError, StorageError) as exc:
+            raise ValueError(f"{location}: not a readable metrics file ({exc})") from None
         # where the run is now, not where it was written (a copied or moved study)
-        loaded.run_dir = str(metrics_path.parent.resolve())
+        loaded.run_dir = parent_of(location) if is_url(path) else \
+            str(Path(location).parent.resolve())
         if loaded.complete:
             metrics.append(loaded)
         else:
@@ -96,7 +105,9 @@ def _unit(run: RunMetrics) -> str:
 
 def _dataset(run: RunMetrics) -> str:
     data = run.config.get("data")
-    return str(Path(data).resolve()) if data else "(unknown)"
+    if not data:
+        return "(unknown)"
+    return normalize(data) if is_url(data) else str(Path(data).resolve())
 
 
 def _classes(run: RunMetrics) -> str:
@@ -135,10 +146,10 @@ def probe_curves(metrics: list[RunMetrics]) -> pd.DataFrame:
         if math.isnan(epochs) or not chain or chain[0].get("kind") != "checkpoint":
             continue  # NaN: not a series member
         series = pretraining_series(run.init)
-        pretrain_run = Path(chain[0]["init"]).parent.parent
+        pretrain_run = parent_of(parent_of(chain[0]["init"]))
         if (series, pretrain_run) in seen:
             continue
         seen.add((series, pretrain_run))
         rows += [{"series": series, "epoch": r["epoch"], "step": r["step"], "dice": r["dice"]}
-                 for r in read_probe_log(pretrain_run / PROBE_FILE)]
+                 for r in read_probe_log(join(pretrain_run, PROBE_FILE))]
     return pd.DataFrame(rows, columns=["series", "epoch", "step", "dice"])

@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 
 from cluster.storage import is_url, join
-from cluster.storage.objects import exists
+from cluster.storage.objects import exists, read_bytes
 from data_prep.labeled_slices import load_slices
 from data_prep.manifest import MANIFEST_NAME
 from finetune.device_data import DeviceSlices
@@ -41,7 +41,7 @@ def overlay_grid(metrics: list[RunMetrics], palette: Palette, path: Path,
     inits = [init for init in palette.order if init in chosen]
     data = chosen[inits[0]].config["data"]
     if not _dataset_here(data) or not all(
-            (Path(chosen[i].run_dir) / BEST_WEIGHTS).is_file() for i in inits):
+            _exists(join(chosen[i].run_dir, BEST_WEIGHTS)) for i in inits):
         return None
     test = load_slices(data, "test")
     picked = _most_foreground(test.masks, test.volumes, slices)
@@ -78,10 +78,13 @@ def overlay_grid(metrics: list[RunMetrics], palette: Palette, path: Path,
 
 def _dataset_here(data: str) -> bool:
     """Whether the runs' dataset is still where they read it (a store may be unreachable)."""
-    if not is_url(data):
-        return Path(data).is_dir()
+    return Path(data).is_dir() if not is_url(data) else _exists(join(data, MANIFEST_NAME))
+
+
+def _exists(location: str) -> bool:
+    """Whether a file is there; an unreachable store counts as not."""
     try:
-        return exists(join(data, MANIFEST_NAME))
+        return exists(location)
     except OSError:
         return False
 
@@ -103,7 +106,8 @@ def _most_foreground(masks: torch.Tensor, volumes: list[str], count: int) -> tor
 
 def _predict(run: RunMetrics, images: torch.Tensor, num_classes: int) -> torch.Tensor:
     model = build_unet(run.arch, images.shape[1], num_classes)
-    state = safetensors.torch.load_file(str(Path(run.run_dir) / BEST_WEIGHTS))
+    # read whole (a run in an object store too); safetensors parses bytes without pickle
+    state = safetensors.torch.load(read_bytes(join(run.run_dir, BEST_WEIGHTS)))
     model.load_state_dict(state)
     cpu = torch.device("cpu")
     return predict(model, DeviceSlices.images_only(images, cpu), cpu, batch_size=len(images))

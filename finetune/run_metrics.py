@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.atomic import atomic_write_json
 from cluster.config import to_dict
+from cluster.storage import is_url, join
+from cluster.storage.objects import read_text
 from finetune.convergence import convergence_metrics
 
 if TYPE_CHECKING:
@@ -171,15 +173,21 @@ def write_run_metrics(path: str | Path, metrics: RunMetrics) -> Path:
 
 
 def read_run_metrics(path: str | Path) -> RunMetrics:
-    """The run metrics in ``path`` (a run folder or the file itself), checked strictly:
-    invalid JSON, an unknown ``format_version``, a missing or an unknown key is a
-    ``ValueError`` naming the file and the key."""
-    path = metrics_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: no fine-tuning run wrote it "
-                                "(or it has not finished its first epoch)")
+    """The run metrics in ``path`` (a run folder or the file itself; a path or an
+    ``s3://`` URL), checked strictly: invalid JSON, an unknown ``format_version``, a
+    missing or an unknown key is a ``ValueError`` naming the file and the key."""
+    if is_url(path):
+        path = str(path) if str(path).endswith(METRICS_FILE) else join(path, METRICS_FILE)
+    else:
+        path = metrics_path(path)
+    absent = FileNotFoundError(f"{path} does not exist: no fine-tuning run wrote it "
+                               "(or it has not finished its first epoch)")
+    if isinstance(path, Path) and not path.is_file():
+        raise absent
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
+    except FileNotFoundError:
+        raise absent from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     return RunMetrics.from_json(data, path)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, from_dict, to_dict
-from cluster.storage import is_url
+from cluster.storage import is_url, join, local_path, name_of, parent_of
+from cluster.storage.objects import list_files
 from cluster.storage.urls import normalize
 from finetune.config import FinetuneConfig
 from finetune.grid import run_dir_for
@@ -27,6 +28,7 @@ from pretrain.checkpoint import CHECKPOINT_DIR, kept_checkpoint_name
 # keys of FinetuneConfig the sweep sets per trial; ``base`` may not set them
 TRIAL_KEYS = ("data", "out", "init", "init_name", "budget", "seed")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_KEPT = re.compile(r"epoch\d{4,}\.pt")
 TRIAL_FILE = "sweep_trial.json"  # in a run folder: what Ray did with it (nodes, threads, time)
 # Test-only fault switch: "INIT/budgetNNNNN/seedS@EPOCH" makes that trial raise once,
 # after reporting EPOCH. Set in the driver's environment; the sweep forwards it.
@@ -53,7 +55,8 @@ class TrialResources:
 @dataclass
 class SweepConfig:
     name: str = ""
-    storage: str = ""  # the sweep lives in storage/name/ (a shared file system on a cluster)
+    # the sweep lives in storage/name/: a file system every node sees, or an s3:// URL
+    storage: str = ""
     data: str = ""  # prepared dataset: a path every node sees, or an s3:// URL
     # FinetuneConfig keys shared by every trial (epochs, batch_size, arch, ...)
     base: dict[str, Any] = field(default_factory=dict)
@@ -65,6 +68,9 @@ class SweepConfig:
     resources: TrialResources = field(default_factory=TrialResources)
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's resources allow
     max_failures: int = 2  # retries of a failed trial (each continues from its checkpoint)
+    # One driver per sweep: it holds a lease in the sweep's storage, renewed every quarter
+    # of this many seconds; a second driver waits for a dead one's lease to lapse.
+    lease_s: float = 60.0
     # seconds between the console's tables of running/finished/failed trials
     table_every: float = 60.0
     # the report's comparisons: every init against this one; label efficiency at these
@@ -90,16 +96,19 @@ class SweepConfig:
                 raise ValueError(f"{key} lists a value twice: {values}")
         if self.max_concurrent < 0 or self.max_failures < 0:
             raise ValueError("max_concurrent and max_failures must be >= 0")
+        if not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
         if any(not 0 < t <= 1 for t in self.label_targets):
             raise ValueError(f"label_targets must lie in (0, 1], got {self.label_targets}")
 
     @property
-    def sweep_dir(self) -> Path:
-        return Path(self.storage) / self.name
+    def sweep_dir(self) -> str:
+        """The sweep's folder: a path, or a URL when ``storage`` is one."""
+        return join(self.storage, self.name)
 
     @property
-    def runs_dir(self) -> Path:
-        return self.sweep_dir / "runs"
+    def runs_dir(self) -> str:
+        return join(self.sweep_dir, "runs")
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ class Trial:
     @property
     def key(self) -> str:
         """Stable, readable id: the run folder below ``runs/``."""
-        return f"{self.init_name}/{Path(self.run_dir).parent.name}/seed{self.seed}"
+        return f"{self.init_name}/{name_of(parent_of(self.run_dir))}/seed{self.seed}"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,9 +148,8 @@ def load_sweep_config(raw: dict[str, Any], cwd: Path | None = None) -> SweepConf
     """
     config = from_dict(SweepConfig, raw)
     cwd = (cwd or Path.cwd()).resolve()
-    config.storage = str(_absolute(config.storage, cwd))
-    config.data = normalize(config.data) if is_url(config.data) else \
-        str(_absolute(config.data, cwd))
+    config.storage = _absolute(config.storage, cwd)
+    config.data = _absolute(config.data, cwd)
     config.inits = {name: _absolute_init(name, value, cwd)
                     for name, value in config.inits.items()}
     base_config(config)  # base keys checked now, before anything starts
@@ -154,7 +162,7 @@ def base_config(config: SweepConfig) -> FinetuneConfig:
     if owned:
         raise ConfigError(f"config key 'base.{owned[0]}' is set per trial by the sweep "
                           "(use data, inits, budgets and seeds)")
-    raw = {**config.base, "data": config.data, "out": str(config.runs_dir)}
+    raw = {**config.base, "data": config.data, "out": config.runs_dir}
     raw.setdefault("progress", False)  # trials report through Tune, not progress bars
     return from_dict(FinetuneConfig, raw, prefix="base")
 
@@ -169,16 +177,17 @@ def expand_inits(config: SweepConfig) -> list[InitSpec]:
         if isinstance(value, str):
             specs.append(InitSpec(name, value))
             continue
-        run, epochs = Path(value["run"]), value["epochs"]
+        folder, epochs = join(value["run"], CHECKPOINT_DIR), value["epochs"]
+        # one listing of the run's checkpoints (a path or a URL) for every epoch asked for
+        kept = sorted(n for n in list_files(folder) if _KEPT.fullmatch(n))
         for epoch in epochs:
-            checkpoint = run / CHECKPOINT_DIR / kept_checkpoint_name(epoch)
-            if not checkpoint.is_file():
-                kept = sorted(p.name for p in (run / CHECKPOINT_DIR).glob("epoch*.pt"))
+            checkpoint = join(folder, kept_checkpoint_name(epoch))
+            if kept_checkpoint_name(epoch) not in kept:
                 raise ConfigError(
                     f"config key 'inits.{name}.epochs': {checkpoint} does not exist "
                     f"(kept epoch checkpoints there: {', '.join(kept) or 'none'}; keep more "
                     "with the pretraining key run.keep_epochs)")
-            specs.append(InitSpec(f"{name}-ep{epoch:04d}", str(checkpoint), epoch))
+            specs.append(InitSpec(f"{name}-ep{epoch:04d}", checkpoint, epoch))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'inits': names repeat after expansion: {names}")
@@ -189,7 +198,7 @@ def plan_trials(config: SweepConfig) -> list[Trial]:
     """Every (init, budget, seed) of the sweep, in grid order."""
     unit = base_config(config).budget_unit
     return [Trial(spec.name, spec.init, budget, seed,
-                  str(run_dir_for(config.runs_dir, spec.name, budget, seed, unit)),
+                  run_dir_for(config.runs_dir, spec.name, budget, seed, unit),
                   spec.pretrain_epochs)
             for spec in expand_inits(config) for budget in config.budgets
             for seed in config.seeds]
@@ -209,16 +218,19 @@ def fingerprint(config: SweepConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _absolute(path: str, cwd: Path) -> Path:
-    resolved = Path(path).expanduser()
-    return resolved if resolved.is_absolute() else cwd / resolved
+def _absolute(path: str, cwd: Path) -> str:
+    """A URL as given; a path (``file://`` too) made absolute from ``cwd``."""
+    if is_url(path):
+        return normalize(path)
+    resolved = local_path(path).expanduser()
+    return str(resolved if resolved.is_absolute() else cwd / resolved)
 
 
 def _absolute_init(name: str, value: Any, cwd: Path) -> str | dict[str, Any]:
     if isinstance(value, str):
         if value == "random" or value == "timm" or value.startswith("timm:"):
             return value
-        return str(_absolute(value, cwd))
+        return _absolute(value, cwd)
     if not isinstance(value, dict):
         raise ConfigError(f"config key 'inits.{name}' must be an init string or a mapping "
                           f"{{run: PRETRAIN_RUN, epochs: [...]}}, got {value!r}")
@@ -234,4 +246,4 @@ def _absolute_init(name: str, value: Any, cwd: Path) -> str | dict[str, Any]:
                        for e in epochs)):
         raise ConfigError(f"config key 'inits.{name}.epochs' must be a list of epochs >= 1, "
                           f"got {epochs!r}")
-    return {"run": str(_absolute(value["run"], cwd)), "epochs": epochs}
+    return {"run": _absolute(value["run"], cwd), "epochs": epochs}

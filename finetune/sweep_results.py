@@ -14,9 +14,12 @@ from typing import Any
 
 import pandas as pd
 
+from cluster.storage import is_url, join
+from cluster.storage.mirror import FolderMirror, local_folder_for
+from cluster.storage.objects import read_text
 from finetune.outputs import result_row
-from finetune.report import ReportSettings, build_report, write_table
-from finetune.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
+from finetune.report import ReportSettings, publish_report, write_table
+from finetune.run_metrics import RunMetrics, read_run_metrics
 from finetune.sweep_config import TRIAL_FILE, SweepConfig, Trial
 from finetune.train import read_starts
 
@@ -37,12 +40,13 @@ class SweepResults:
 
 
 def finished_metrics(trial: Trial) -> RunMetrics | None:
-    """The trial's metrics when its run is complete; None when it has not finished (a
-    metrics file that cannot be read is an error naming it)."""
-    path = Path(trial.run_dir) / METRICS_FILE
-    if not path.is_file():
+    """The trial's metrics when its run is complete (where it lives: on storage every
+    node sees, or in the object store); None when it has not finished (a metrics file
+    that cannot be read is an error naming it)."""
+    try:
+        metrics = read_run_metrics(trial.run_dir)
+    except FileNotFoundError:
         return None
-    metrics = read_run_metrics(path)
     return metrics if metrics.complete else None
 
 
@@ -59,11 +63,13 @@ def gather(trials: list[Trial]) -> SweepResults:
 
 
 def _row(trial: Trial, metrics: RunMetrics) -> dict[str, Any]:
-    run_dir = Path(trial.run_dir)
-    info_path = run_dir / TRIAL_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    run_dir = trial.run_dir
+    try:
+        info = json.loads(read_text(join(run_dir, TRIAL_FILE)))
+    except FileNotFoundError:
+        info = {}
     row = {"trial": trial.key, "pretrain_epochs": trial.pretrain_epochs, **result_row(metrics)}
-    row["run_dir"] = str(run_dir)
+    row["run_dir"] = run_dir
     row["wall_seconds"] = info.get("wall_seconds")
     row["node_id"] = info.get("node_id")
     row["torch_threads"] = info.get("torch_threads")
@@ -72,12 +78,18 @@ def _row(trial: Trial, metrics: RunMetrics) -> dict[str, Any]:
 
 
 def write_results(config: SweepConfig, results: SweepResults,
-                  settings: ReportSettings | None = None) -> Path | None:
+                  settings: ReportSettings | None = None) -> str | None:
     """``results.csv`` and ``results.parquet`` in the sweep folder, then the study report
-    in ``report/`` (``settings``: its title, notes, ...); returns the report page (None
-    when no trial has finished)."""
+    in ``report/`` (``settings``: its title, notes, ...); returns the report page's path
+    or URL (None when no trial has finished)."""
     folder = config.sweep_dir
-    write_table(folder / RESULTS, pd.DataFrame(results.rows))
+    table = pd.DataFrame(results.rows)
+    if is_url(folder):  # written locally, then uploaded (one object each)
+        staging = local_folder_for(folder)
+        write_table(staging / RESULTS, table)
+        FolderMirror(staging, folder).push(only=[RESULTS_CSV, RESULTS_PARQUET])
+    else:
+        write_table(Path(folder) / RESULTS, table)
     if not results.runs:
         return None
     settings = settings or ReportSettings()
@@ -85,4 +97,4 @@ def write_results(config: SweepConfig, results: SweepResults,
                       f"Sweep `{config.name}`: {len(results.rows)} of "
                       f"{len(results.rows) + len(results.unfinished)} trials finished; one "
                       f"row each in `{RESULTS_CSV}` / `{RESULTS_PARQUET}` beside this folder."]
-    return build_report(folder, folder / REPORT_FOLDER, settings)
+    return publish_report(folder, join(folder, REPORT_FOLDER), settings)

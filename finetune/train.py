@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from cluster.atomic import atomic_path
 from cluster.config import to_dict
 from cluster.run_dir import write_run_info
+from cluster.storage import join, local_path
+from cluster.storage.objects import read_text
 from data_prep.label_budgets import budget_subset
 from data_prep.labeled_slices import SliceSet, load_slices, require_whole_volumes, slice_patients
 from data_prep.manifest import Manifest
@@ -50,12 +52,11 @@ from finetune.run_checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from finetune.run_folder import RunFolder
 from finetune.run_metrics import (
-    METRICS_FILE,
     EpochRecord,
     RunMetrics,
     TestMetrics,
-    read_run_metrics,
     write_run_metrics,
 )
 from finetune.step import FinetuneStep, autocast, build_step
@@ -115,10 +116,7 @@ class PreparedRun:
     val_data: DeviceSlices
     test_set: SliceSet
     plan: TrainingPlan
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.out)
+    run_dir: Path  # where the run writes: ``config.out``, or its local copy of a URL
 
     def metrics(self, history: list[EpochRecord], test: TestMetrics | None = None
                 ) -> RunMetrics:
@@ -148,22 +146,32 @@ class EpochTraining:
 
 
 def fine_tune(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
-              start_context: dict[str, Any] | None = None) -> RunMetrics:
+              start_context: dict[str, Any] | None = None,
+              folder: RunFolder | None = None) -> RunMetrics:
     """Train, validate each epoch, test the best epoch; return (and write) the metrics.
 
     A run whose ``metrics.json`` is complete is returned as is; an interrupted run
     resumes from its last saved epoch. ``on_epoch`` receives each epoch's record after
     its checkpoint and ``metrics.json`` are on disk (a sweep reports it to Ray Tune).
     Every start that trains appends a line to ``starts.jsonl`` with ``start_context``
-    (who ran it), so a run trained twice is visible.
+    (who ran it), so a run trained twice is visible. ``config.out`` may be an ``s3://``
+    URL: the run then trains in a node-local copy (``folder``, already opened by the
+    caller, or opened here) uploaded after every checkpoint.
     """
     if not config.data or not config.out:
         raise ValueError("data and out are required")
-    run_dir = Path(config.out)
-    done = _completed_metrics(run_dir, config)
-    if done is not None:
-        return done
-    run = prepare_run(config)
+    if folder is None:
+        folder = RunFolder(config.out)
+        done = _completed_metrics(folder, config)
+        if done is not None:
+            return done
+        folder.open()
+    else:
+        done = _completed_metrics(folder, config)
+        if done is not None:
+            return done
+    run_dir = folder.local
+    run = prepare_run(config, run_dir)
     progress = resume(run_dir, run.model, run.step.optimizer)
     if progress is None:
         progress = RunProgress()
@@ -184,10 +192,14 @@ def fine_tune(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
         _log_epoch(writer, record)
         if record.val_dice is not None:
             bar.set_postfix(val_dice=f"{record.val_dice:.3f}")
-        save_epoch(run, progress, record)
+        checkpointed = save_epoch(run, progress, record)
+        writer.flush()
+        folder.epoch_saved(checkpointed)
         if on_epoch is not None:
             on_epoch(record)
-    return finish_run(run, progress, writer)
+    metrics = finish_run(run, progress, writer)
+    folder.finished()
+    return metrics
 
 
 def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
@@ -197,10 +209,10 @@ def train_run(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     return fine_tune(config, on_epoch, start_context).to_json()
 
 
-def prepare_run(config: FinetuneConfig) -> PreparedRun:
+def prepare_run(config: FinetuneConfig, run_dir: Path | None = None) -> PreparedRun:
     """The budget's subset and the splits, the U-Net with its encoder init on the device,
     its training step and plan. Seeded by ``config.seed``: the same run gets the same
-    subset and initial weights."""
+    subset and initial weights. ``run_dir``: where it writes (default ``config.out``)."""
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                           else "cpu")
     manifest = Manifest.read(config.data)
@@ -223,7 +235,8 @@ def prepare_run(config: FinetuneConfig) -> PreparedRun:
     train_data, val_data = place_splits(train_set, val_set, device, config.device_data_gb)
     return PreparedRun(config, device, manifest.class_names, len(subset), init_chain, model,
                        train_step, train_data, val_set, val_data, test_set,
-                       TrainingPlan.for_run(config, len(subset)))
+                       TrainingPlan.for_run(config, len(subset)),
+                       run_dir or local_path(config.out))
 
 
 def resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -312,19 +325,21 @@ def epoch_record(epoch: int, trained: EpochTraining, elapsed: float, images: int
                        train_images_per_s=round(images / trained.seconds, 2), **validation)
 
 
-def save_epoch(run: PreparedRun, progress: RunProgress, record: EpochRecord) -> None:
+def save_epoch(run: PreparedRun, progress: RunProgress, record: EpochRecord) -> bool:
     """What an epoch leaves on disk: the best weights when its validation beat every
     earlier one, ``last.pt`` every ``checkpoint_every`` epochs, and ``metrics.json``
-    (not complete yet)."""
+    (not complete yet). Whether it saved ``last.pt``."""
     if record.val_dice is not None and record.val_dice > progress.best_dice:
         progress.best_dice = record.val_dice
         _save_weights(run.model, run.run_dir / BEST_WEIGHTS)
     every = run.config.checkpoint_every
-    if every and record.epoch % every == 0:
+    checkpointed = bool(every) and record.epoch % every == 0
+    if checkpointed:
         save_checkpoint(run.run_dir / LAST_CHECKPOINT, RunCheckpoint(
             run.model.state_dict(), run.step.optimizer.state_dict(), progress.history,
             progress.step, progress.elapsed))
     write_run_metrics(run.run_dir, run.metrics(progress.history))
+    return checkpointed
 
 
 def finish_run(run: PreparedRun, progress: RunProgress, writer: SummaryWriter) -> RunMetrics:
@@ -389,16 +404,14 @@ def evaluate(model: nn.Module, data: DeviceSlices, slices: SliceSet, class_names
     return metrics
 
 
-def _completed_metrics(run_dir: Path, config: FinetuneConfig) -> RunMetrics | None:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return None
-    metrics = read_run_metrics(path)
-    if not metrics.complete:
+def _completed_metrics(folder: RunFolder, config: FinetuneConfig) -> RunMetrics | None:
+    """The run's metrics if it is complete where it lives (for a URL: in the store)."""
+    metrics = folder.stored_metrics()
+    if metrics is None or not metrics.complete:
         return None
     # a run finished before a config key existed recorded no value for it: the default
     if {**to_dict(FinetuneConfig()), **metrics.config} != to_dict(config):
-        raise ValueError(f"{run_dir} holds a finished run with another config; "
+        raise ValueError(f"{folder.out} holds a finished run with another config; "
                          "choose another out folder")
     return metrics
 
@@ -412,11 +425,13 @@ def _log_start(run_dir: Path, resume_epoch: int, context: dict[str, Any] | None)
 
 
 def read_starts(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's start log: one dict per time it began training."""
-    path = Path(run_dir) / STARTS_FILE
-    if not path.is_file():
+    """The run's start log (in a folder or an object store): one dict per time it began
+    training."""
+    try:
+        text = read_text(join(run_dir, STARTS_FILE))
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

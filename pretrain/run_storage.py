@@ -17,8 +17,8 @@ from pathlib import Path
 from cluster.distributed import DistInfo, barrier
 from cluster.storage import is_url, join, local_path
 from cluster.storage.mirror import FolderMirror, local_folder_for
-from cluster.storage.objects import copy, delete, list_files
-from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, shard_name
+from cluster.storage.objects import copy, delete, download, list_files
+from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, load_latest, shard_name
 
 # per-rank optimizer shards: checkpoints/<folder>/rankNNNNN.pt
 _RANK_FILE = re.compile(rf"{CHECKPOINT_DIR}/[^/]+/rank\d{{5}}\.pt")
@@ -43,11 +43,25 @@ class RunStorage:
         if self.mirror is not None:
             if dist.local_rank == 0:
                 fetched = self.mirror.pull(skip=lambda name: bool(_KEPT.fullmatch(name)))
+                fetched += self._fetch_named_shards()
                 if dist.is_main and fetched:
                     print(f"fetched {len(fetched)} files of {self.out} into {self.local}",
                           flush=True)
             barrier(dist)
         return self.local
+
+    def _fetch_named_shards(self) -> list[str]:
+        """The optimizer shards ``last.pt`` points at, when they are a kept copy's (a run
+        restarted from a kept epoch: its ``epochNNNN.pt`` copied to ``last.pt``)."""
+        checkpoint = load_latest(self.local)
+        if checkpoint is None or not checkpoint.zero_shards or \
+                (self.local / CHECKPOINT_DIR / checkpoint.zero_shards).is_dir():
+            return []
+        prefix = f"{CHECKPOINT_DIR}/{checkpoint.zero_shards}/"
+        names = [name for name in list_files(self.out) if name.startswith(prefix)]
+        for name in names:
+            download(join(self.out, name), self.local / name)
+        return names
 
     def checkpoint_saved(self, dist: DistInfo, shards: str | None, kept: str | None) -> None:
         """Upload the checkpoint just saved (all ranks call it)."""

@@ -144,12 +144,13 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[RayCluster]:
+def cluster(s3: S3Server) -> Iterator[RayCluster]:
     """One real two-node Ray cluster on loopback for every test that needs one (each
-    start costs seconds); see ``ray_cluster.py``."""
+    start costs seconds); see ``ray_cluster.py``. Its nodes reach the session's S3
+    server as cloud nodes reach theirs: through the standard AWS variables."""
     # short path: Ray's unix sockets live below the temp dir (107-byte limit)
     tmp = Path(tempfile.mkdtemp(prefix="medssl-ray-", dir="/tmp"))
-    started = start_cluster(tmp)
+    started = start_cluster(tmp, s3_environment(s3.endpoint))
     try:
         yield started
     finally:

@@ -9,7 +9,10 @@ Every Ray process gets an environment that keeps its traffic on this machine:
   only its Windows/macOS guard against joining in that mode lifted;
 - the dashboard's start-up probe of cloud metadata services goes to a closed loopback
   port (HTTP proxy variables, loopback exempt);
-- token authentication is on, with a token file of the test's own.
+- token authentication is on, with a token file of the test's own;
+- each node has its own node-local folder (``MEDSSL_LOCAL_RUNS``, as two machines
+  would) and, when given, the settings of the tests' S3 server: the nodes share
+  nothing but that store and the tests' temporary folder.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ BIN = Path(sys.executable).parent
 START_LOOPBACK_NODE = Path(__file__).with_name("ray_start_loopback.py")
 
 
-def ray_env(tmp: Path, token_path: Path) -> dict[str, str]:
+def ray_env(tmp: Path, token_path: Path,
+            extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(extra or {})
     closed = "http://127.0.0.1:9"
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -51,6 +56,7 @@ class RayCluster:
     dashboard: str  # http://HOST:PORT, for ray job submit
     env: dict[str, str]  # environment of drivers and CLI calls
     temp_dir: Path  # holds each node's own Ray temp folder
+    local_dirs: tuple[Path, Path]  # each node's node-local folder (MEDSSL_LOCAL_RUNS)
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True,
@@ -82,28 +88,32 @@ def _port_base() -> int:
     raise RuntimeError("no free port range for a test Ray cluster")
 
 
-def start_cluster(tmp: Path) -> RayCluster:
+def start_cluster(tmp: Path, extra_env: dict[str, str] | None = None) -> RayCluster:
     port = _port_base()
     dashboard_port = port + 1
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(16))
     token.chmod(0o600)
-    env = ray_env(tmp, token)
+    env = ray_env(tmp, token, extra_env)
     head_temp = tmp / "head"
-    cluster = RayCluster(f"{HOST}:{port}", f"http://{HOST}:{dashboard_port}", env, tmp)
-    head = cluster.ray("start", "--head", "--node-ip-address", HOST, "--port", str(port),
-                       "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
-                       "--ray-client-server-port", str(port + 2),
-                       "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(head_temp),
-                       # every port of the range: Ray's defaults (the dashboard agent's
-                       # 52365) would collide with a local instance's
-                       "--node-manager-port", str(port + 101),
-                       "--object-manager-port", str(port + 102),
-                       "--dashboard-agent-listen-port", str(port + 103),
-                       "--metrics-export-port", str(port + 104),
-                       "--runtime-env-agent-port", str(port + 105),
-                       "--min-worker-port", str(port + 300), "--max-worker-port", str(port + 399),
-                       "--disable-usage-stats")
+    local_dirs = (tmp / "head-local", tmp / "node2-local")
+    cluster = RayCluster(f"{HOST}:{port}", f"http://{HOST}:{dashboard_port}",
+                         {**env, "MEDSSL_LOCAL_RUNS": str(tmp / "driver-local")}, tmp,
+                         local_dirs)
+    head = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", HOST, "--port", str(port),
+         "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
+         "--ray-client-server-port", str(port + 2),
+         "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(head_temp),
+         # every port of the range: Ray's defaults (the dashboard agent's 52365) would
+         # collide with a local instance's
+         "--node-manager-port", str(port + 101), "--object-manager-port", str(port + 102),
+         "--dashboard-agent-listen-port", str(port + 103),
+         "--metrics-export-port", str(port + 104), "--runtime-env-agent-port", str(port + 105),
+         "--min-worker-port", str(port + 300), "--max-worker-port", str(port + 399),
+         "--disable-usage-stats"],
+        env={**env, "MEDSSL_LOCAL_RUNS": str(local_dirs[0])}, capture_output=True, text=True,
+        timeout=120)
     assert head.returncode == 0, head.stdout + head.stderr
     worker = subprocess.run(
         [sys.executable, str(START_LOOPBACK_NODE), "start", "--address", cluster.gcs_address,
@@ -114,7 +124,8 @@ def start_cluster(tmp: Path) -> RayCluster:
          "--metrics-export-port", str(port + 114), "--runtime-env-agent-port", str(port + 115),
          "--min-worker-port", str(port + 200), "--max-worker-port", str(port + 299),
          "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120)
+        env={**env, "MEDSSL_LOCAL_RUNS": str(local_dirs[1])}, capture_output=True, text=True,
+        timeout=120)
     assert worker.returncode == 0, worker.stdout + worker.stderr
     return cluster
 

@@ -5,7 +5,6 @@ uninterrupted one ends."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,15 +16,25 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cluster.storage import join
+from cluster.storage.mirror import FolderMirror
+from cluster.storage.objects import list_files, read_bytes, upload
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, shard_name
-from pretrain.checkpoint_state import read_checkpoint
+from pretrain.checkpoint_state import PretrainCheckpoint, read_checkpoint
 from pretrain.probe_log import PROBE_FILE, read_probe_log
 from tests.launching import free_port, torchrun, worker_env
+from tests.s3_support import S3Server
 
 STEPS = 4  # 2 epochs of 2 optimizer steps, each of 2 micro batches per rank
 
 
-def _run(prepared: Path, out: Path, *settings: str) -> None:
+def read_checkpoint_at(url: str, tmp_path: Path) -> PretrainCheckpoint:
+    path = tmp_path / "fetched.pt"
+    path.write_bytes(read_bytes(url))
+    return read_checkpoint(path)
+
+
+def _run(prepared: Path, out: Path | str, *settings: str) -> None:
     command = torchrun(
         "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "pretrain",
@@ -54,7 +63,8 @@ PROBE = ("probe.every_epochs=1", "probe.steps=5", "probe.budget=8", "probe.val_v
 
 
 @pytest.mark.slow
-def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path: Path) -> None:
+def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path: Path,
+                                                       s3: S3Server) -> None:
     ddp, zero = tmp_path / "ddp", tmp_path / "zero2"
     _run(prepared, ddp, *PROBE)  # the live probe on rank 0 of two DDP ranks
     _run(prepared, zero, "run.backend=deepspeed", "run.zero_stage=2")
@@ -84,12 +94,24 @@ def test_zero2_matches_ddp_and_resumes_from_its_shards(prepared: Path, tmp_path:
         [latest.zero_shards, "epoch0001-zero"])
 
     # A run restarted from the kept end-of-epoch-1 checkpoint (weights and sharded
-    # optimizer state) finishes exactly like the uninterrupted one.
+    # optimizer state) finishes exactly like the uninterrupted one; here the run folder
+    # lives in an object store and the node starts with an empty disk: each rank uploads
+    # its own shard, last.pt goes up after them, shards no checkpoint names are deleted.
+    url = join(s3.new_bucket(), "runs", "zero2")
+    upload(folder / "epoch0001.pt", join(url, CHECKPOINT_DIR, LATEST))
+    for rank in (0, 1):
+        upload(folder / "epoch0001-zero" / shard_name(rank),
+               join(url, CHECKPOINT_DIR, "epoch0001-zero", shard_name(rank)))
+    _run(prepared, url, "run.backend=deepspeed", "run.zero_stage=2",
+         f"run.local_dir={tmp_path / 'node'}", *PROBE)
+    stored = {name for name in list_files(url) if name.startswith(CHECKPOINT_DIR)}
+    final = read_checkpoint_at(join(url, CHECKPOINT_DIR, LATEST), tmp_path)
+    assert stored == {f"{CHECKPOINT_DIR}/{LATEST}", *(
+        f"{CHECKPOINT_DIR}/{shards}/{shard_name(r)}" for r in (0, 1)
+        for shards in (final.zero_shards, "epoch0001-zero"))}
+    assert final.zero_shards != "epoch0001-zero" and final.step == STEPS
     resumed = tmp_path / "resumed"
-    (resumed / CHECKPOINT_DIR).mkdir(parents=True)
-    shutil.copy(folder / "epoch0001.pt", resumed / CHECKPOINT_DIR / LATEST)
-    shutil.copytree(folder / "epoch0001-zero", resumed / CHECKPOINT_DIR / "epoch0001-zero")
-    _run(prepared, resumed, "run.backend=deepspeed", "run.zero_stage=2", *PROBE)
+    FolderMirror(resumed, url).pull()
     # the restart probes its checkpoint's encoder, then the end of epoch 2
     assert [r["step"] for r in read_probe_log(resumed / PROBE_FILE)] == [2, 4]
     after = _losses(resumed)

@@ -6,8 +6,10 @@ One cluster (a head and a second node, one CPU each; conftest's session fixture
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,14 +17,19 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 import yaml
 
+from cluster.storage import join
+from cluster.storage.objects import list_files, read_bytes
 from finetune.grid import run_grid
+from finetune.run_metrics import read_run_metrics
 from finetune.sweep_config import load_sweep_config, plan_trials, trial_config
 from finetune.train import read_starts
 from tests.ray_cluster import RayCluster
+from tests.s3_support import S3Server, upload_tree
 
 pytestmark = pytest.mark.slow
 BASE = {"arch": "resnet18", "epochs": 2, "batch_size": 8, "epoch_samples": 16, "lr": 0.002,
@@ -44,31 +51,75 @@ def _sweep(cluster: RayCluster, config: Path, *extra: str, env: dict[str, str] |
         cwd=config.parent)
 
 
+def _job(cluster: RayCluster, project: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``ray job submit`` of the sweep in ``project``, its driver under a shell of its own
+    (as a user's entrypoint script would run it; Ray quotes each argument)."""
+    for _ in range(30):  # a fresh head's job agent may not be up yet: Ray says try again
+        job = cluster.ray("job", "submit", "--address", cluster.dashboard, *options,
+                          "--working-dir", str(project), "--", "bash", "-c",
+                          f"{sys.executable} -m finetune sweep --config sweep.yaml; exit $?",
+                          timeout=400)
+        if "No available agent to submit job" not in job.stderr + job.stdout:
+            return job
+        time.sleep(1)
+    return job
+
+
+def _job_shell() -> tuple[psutil.Process, psutil.Process]:
+    """The submitted job's shell and the sweep driver it runs."""
+    shells = [p for p in psutil.process_iter(["name", "cmdline"])
+              if p.info["name"] == "bash" and "finetune sweep" in " ".join(
+                  p.info["cmdline"] or [])]
+    assert len(shells) == 1, shells
+    drivers = shells[0].children()
+    assert len(drivers) == 1, drivers
+    return shells[0], drivers[0]
+
+
 @pytest.fixture(scope="module")
 def submitted(cluster: RayCluster, prepared: Path, pretrain_run: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, set[str]]:
     """A 2 inits x 2 budgets sweep submitted with `ray job submit`: four one-CPU trials,
-    so each of the two one-CPU nodes must run some."""
+    so each of the two one-CPU nodes must run some. The first job's shell is killed
+    mid-sweep (a second driver started meanwhile must not join in) and the job is
+    submitted again, as a user would."""
     work = tmp_path_factory.mktemp("job")
     (work / "project").mkdir()
     config = _write_config(
         work / "project", name="tiny", storage=str(work / "storage"), data=str(prepared),
         base=BASE, inits={"random": "random", "ssl": str(pretrain_run / "export")},
-        budgets=[4, 8], seeds=[0], resources={"cpu": 1})
-    for _ in range(30):  # a fresh head's job agent may not be up yet: Ray says try again
-        job = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir",
-                          str(config.parent), "--", sys.executable, "-m", "finetune", "sweep",
-                          "--config", "sweep.yaml", timeout=400)
-        if "No available agent to submit job" not in job.stderr + job.stdout:
-            break
-        time.sleep(1)
+        budgets=[4, 8], seeds=[0], resources={"cpu": 1}, lease_s=2)
+    runs = work / "storage" / "tiny" / "runs"
+    first = _job(cluster, config.parent, "--no-wait")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    _wait_for(lambda: any(runs.rglob("starts.jsonl")), 300)  # trials are training
+    # a second driver while the job runs: it waits, then stops naming the holder
+    second = _sweep(cluster, config, timeout=60)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "driven by" in second.stdout and "Ray job raysubmit_" in second.stdout
+    refusal = second.stderr.strip().splitlines()[-1]
+    assert refusal.startswith("error: ") and "held by" in refusal and "raysubmit_" in refusal
+    # the job's shell dies: its orphaned driver stops by itself within seconds
+    shell, driver = _job_shell()
+    shell.kill()
+    gone, alive = psutil.wait_procs([driver], timeout=10)
+    assert gone and not alive, "the orphaned driver kept running"
+    done_before = {str(p) for p in _finished(runs)}
+    assert len(done_before) < 4, "the sweep finished before its job could be killed"
+    job = _job(cluster, config.parent)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    return work / "storage" / "tiny", job.stdout
+    assert "driven by" in job.stdout  # it waited for the dead driver's lease to lapse
+    return work / "storage" / "tiny", job.stdout, done_before
 
 
-def test_job_submit_runs_every_trial_on_both_nodes(cluster: RayCluster,
-                                                   submitted: tuple[Path, str]) -> None:
-    sweep_dir, output = submitted
+def _finished(runs: Path) -> list[Path]:
+    return [p.parent for p in runs.rglob("metrics.json")
+            if json.loads(p.read_text())["complete"]]
+
+
+def test_job_submit_runs_every_trial_on_both_nodes(
+        cluster: RayCluster, submitted: tuple[Path, str, set[str]]) -> None:
+    sweep_dir, output, done_before = submitted
     assert "succeeded" in output
     results = pd.read_csv(sweep_dir / "results.csv")
     assert len(results) == 4
@@ -82,7 +133,13 @@ def test_job_submit_runs_every_trial_on_both_nodes(cluster: RayCluster,
         assert row.test_dice_LV == metrics["test"]["dice_per_class"]["LV"]
         assert row.epochs_to_95pct == metrics["convergence"]["epochs_to_95pct"]
         assert math.isclose(row.normalised_auc, metrics["convergence"]["normalised_auc"])
-        assert row.trainings == 1
+        # finished before the kill: never trained again; the others at most resumed once,
+        # never by two drivers at once (each start begins where the last one stopped)
+        starts = read_starts(row.run_dir)
+        assert row.trainings == len(starts) == (1 if row.run_dir in done_before else
+                                                row.trainings)
+        assert 1 <= len(starts) <= 2
+        assert [s["resume_epoch"] for s in starts] == sorted(s["resume_epoch"] for s in starts)
     parquet = pd.read_parquet(sweep_dir / "results.parquet")
     assert parquet["test_dice"].tolist() == results["test_dice"].tolist()
     # both nodes ran trials, and each trial's torch threads equal its one-CPU share
@@ -92,12 +149,16 @@ def test_job_submit_runs_every_trial_on_both_nodes(cluster: RayCluster,
     assert "| ssl | 8 |" in report and (sweep_dir / "report" / "report.html").is_file()
     assert len(pd.read_csv(sweep_dir / "report" / "tables" / "runs.csv")) == 4
     # console: one line per trial event and a closing table, not Tune's result dumps
-    assert output.count("start    ") == 4 and output.count("done     ") == 4
-    assert "4 finished, 0 failed" in output and "trial_id" not in output
+    todo = 4 - len(done_before)
+    assert (f"resuming, {len(done_before)} of 4 trials complete, " if done_before else
+            "sweep tiny: ") + f"{todo} of 4 trials to run" in output
+    assert output.count("start    ") == todo and output.count("done     ") == todo
+    assert f"{todo} finished, 0 failed" in output and "trial_id" not in output
 
 
-def test_sweep_equals_the_local_grid(submitted: tuple[Path, str], tmp_path: Path) -> None:
-    sweep_dir, _ = submitted
+def test_sweep_equals_the_local_grid(submitted: tuple[Path, str, set[str]],
+                                     tmp_path: Path) -> None:
+    sweep_dir, _, _ = submitted
     config = load_sweep_config(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()))
     trials = [t for t in plan_trials(config) if t.budget == 4 and t.seed == 0]
     base = trial_config(config, trials[0])
@@ -125,45 +186,65 @@ def _wait_for(predicate, timeout: float, process: subprocess.Popen | None = None
         time.sleep(0.2)
 
 
-def test_killed_driver_resumes_without_training_finished_trials_again(
-        cluster: RayCluster, prepared: Path, pretrain_run: Path, tmp_path: Path) -> None:
+def test_sweep_in_s3_resumes_on_empty_nodes_after_its_driver_is_killed(
+        cluster: RayCluster, prepared: Path, pretrain_run: Path, s3: S3Server,
+        submitted: tuple[Path, str, set[str]], tmp_path: Path) -> None:
+    """The nodes share nothing but the object store: the dataset, the encoder and the
+    sweep live there. The driver dies mid-sweep, every node-local folder is wiped, and
+    the same command, given nothing but the URLs, finishes the sweep with the numbers the
+    same sweep on a file system produced; Tune's rotated checkpoints cost no retry
+    (max_failures 0)."""
+    bucket = s3.new_bucket()
+    data = upload_tree(prepared, join(bucket, "data", "phantom"))
+    export = upload_tree(pretrain_run / "export", join(bucket, "pretrain", "byol", "export"))
     config = _write_config(
-        tmp_path, name="crash", storage="storage", data=str(prepared),
-        base={**BASE, "epochs": 3},
-        inits={"random": "random", "ssl": {"run": str(pretrain_run), "epochs": [1, 2]}},
-        budgets=[4], seeds=[0, 1], resources={"cpu": 1})
-    runs = tmp_path / "storage" / "crash" / "runs"
+        tmp_path, name="cloud", storage=join(bucket, "sweeps"), data=data, base=BASE,
+        inits={"random": "random", "ssl": export}, budgets=[4, 8], seeds=[0],
+        resources={"cpu": 1}, max_failures=0, lease_s=3)
+    sweep = join(bucket, "sweeps", "cloud")
 
-    def finished() -> list[Path]:
-        return [p.parent for p in runs.rglob("metrics.json")
-                if json.loads(p.read_text())["complete"]]
+    def finished() -> list[str]:
+        return [join(sweep, "runs", name.rsplit("/", 1)[0])
+                for name in list_files(join(sweep, "runs"))
+                if name.endswith("metrics.json") and read_run_metrics(
+                    join(sweep, "runs", name)).complete]
 
     driver = subprocess.Popen(
         [sys.executable, "-m", "finetune", "sweep", "--config", str(config), "--address",
          cluster.gcs_address], env=cluster.env, cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: len(finished()) >= 2, 300, driver)
+    _wait_for(lambda: len(finished()) >= 1, 300, driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    done_before = {p: len(read_starts(p)) for p in finished()}
-    assert len(done_before) < 6, "the sweep finished before it could be killed"
+    done_before = set(finished())
+    assert len(done_before) < 4, "the sweep finished before it could be killed"
+    for folder in (*cluster.local_dirs, Path(cluster.env["MEDSSL_LOCAL_RUNS"])):
+        shutil.rmtree(folder, ignore_errors=True)  # every node starts with an empty disk
     resumed = _sweep(cluster, config)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "continuing Tune experiment" in resumed.stdout
-    assert (f"sweep crash: resuming, {len(done_before)} of 6 trials complete, "
-            f"{6 - len(done_before)} of 6 trials to run") in resumed.stdout
-    results = pd.read_csv(tmp_path / "storage" / "crash" / "results.csv")
-    assert sorted(results["init"].unique()) == ["random", "ssl-ep0001", "ssl-ep0002"]
-    assert sorted(results["pretrain_epochs"].dropna().unique()) == [1, 2]
-    assert len(results) == 6 and len(finished()) == 6
-    report = (tmp_path / "storage" / "crash" / "report" / "report.md").read_text()
-    assert "## How much pretraining is enough" in report
-    assert "**ssl** at 4 slices: mean test Dice" in report
-    for run_dir, starts in done_before.items():
-        assert starts == 1 and len(read_starts(run_dir)) == 1, run_dir
-    # a third run trains nothing at all and leaves Ray alone
-    again = _sweep(cluster, config)
-    assert again.returncode == 0 and "nothing to run" in again.stdout
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-4000:]
+    assert f"resuming, {len(done_before)} of 4 trials complete" in output
+    for noise in ("Could not fetch metrics", "Trials did not complete", "Traceback"):
+        assert noise not in output, output[-4000:]
+    assert f"{sweep}/results.csv" in output
+
+    cloud = pd.read_csv(io.BytesIO(read_bytes(join(sweep, "results.csv")))).set_index("trial")
+    local = pd.read_csv(submitted[0] / "results.csv").set_index("trial")
+    assert sorted(cloud.index) == sorted(local.index)
+    for column in ("test_dice", "test_iou", "test_hd95_mm", "best_dice", "epochs_to_95pct"):
+        assert cloud[column].to_dict() == local.loc[cloud.index, column].to_dict(), column
+    for run_dir in cloud["run_dir"]:
+        starts = read_starts(run_dir)
+        assert len(starts) == 1 if run_dir in done_before else 1 <= len(starts) <= 2
+    # the report, from any machine with nothing but the store
+    report = subprocess.run(
+        [sys.executable, "-m", "finetune", "report", sweep, "--out", join(sweep, "again")],
+        env={**cluster.env, "MEDSSL_LOCAL_RUNS": str(tmp_path / "elsewhere")},
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert report.stdout.strip().splitlines()[-1] == join(sweep, "again", "report.html")
+    assert "| ssl | 8 |" in read_bytes(join(sweep, "again", "report.md")).decode()
+    assert "| ssl | 8 |" in read_bytes(join(sweep, "report", "report.md")).decode()
 
 
 def test_failed_trial_is_retried_from_its_last_epoch(cluster: RayCluster, prepared: Path,

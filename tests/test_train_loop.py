@@ -183,7 +183,7 @@ def test_an_epoch_leaves_best_weights_checkpoint_and_metrics(tmp_path: Path) -> 
     step_fn = RecordingStep(model)
     step_fn.optimizer = optimizer
     run = PreparedRun(config, CPU, ["LV"], 5, [{"init": "random", "kind": "random"}], model,
-                      step_fn, None, None, None, None, _plan())  # type: ignore[arg-type]
+                      step_fn, None, None, None, None, _plan(), tmp_path)  # type: ignore[arg-type]
     progress = RunProgress()
     for epoch, dice in ((1, 0.5), (2, 0.4)):
         progress.history.append(_record(epoch, dice))
