@@ -20,6 +20,9 @@ Stages:
 - ``loader``: the shard loader + augmentation vs a PIL + torchvision DataLoader (views/s);
   on a GPU also against what the compiled ResNet-50 step consumes (target >= 1.3x) and
   the data wait of the real path (target < 5%);
+- ``loader_s3``: the same loader (read + decode) reading the loader stage's dataset from
+  moto's S3 server on loopback through a proxy adding 20 ms per request vs from local
+  files (views/s; target >= 0.9x), also without the latency and with ``read_ahead`` 1;
 - ``pretrain_resnet50``, ``pretrain_vit``: the real pretraining path (loader, augmentation,
   medssl's BYOL step, both views in one pass as the baseline) vs a plain timm + PyTorch
   step on random tensors (views/s); the note gives the cost of one pass per view;
@@ -114,6 +117,34 @@ def _loader_headline(result: dict[str, Any]) -> tuple[float, float, str]:
     note = "" if consumption is None else \
         f"loader / ResNet-50 step consumption {ours / consumption:.2f} (target >= 1.3)"
     return ours, base, note
+
+
+def _loader_s3_args(profile: str, work: Path) -> list[str]:
+    # the loader stage's folder: its phantom dataset is reused
+    return ["--work", str(work / "loader"), *_sizes(
+        profile,
+        ["--patients", "2", "--image-size", "48", "--batch", "8", "--workers", "1",
+         "--warmup", "1", "--timed", "3", "--read-ahead", "4"],
+        ["--patients", "4", "--image-size", "128", "--batch", "32", "--workers", "1", "2",
+         "--warmup", "8", "--timed", "96"],
+        ["--patients", "12", "--image-size", "256", "--batch", "256", "--workers", "4", "8",
+         "--warmup", "2", "--timed", "24"])]
+
+
+def _loader_s3_headline(result: dict[str, Any]) -> tuple[float, float, str]:
+    rows, depth = result["rows"], result["default_read_ahead"]
+    latency = [r for r in rows if r["source"].startswith("s3 +")]
+    ours = max((r for r in latency if r["read_ahead"] == depth), key=lambda r: r["workers"])
+    local = next(r for r in rows if r["source"] == "local" and r["workers"] == ours["workers"])
+    serial = [r for r in latency if r["read_ahead"] == 1 and r["workers"] == ours["workers"]]
+    note = (f"{ours['source']}, {ours['workers']} worker(s), read_ahead {depth} vs local "
+            f"(target >= 0.9); {ours['vs_s3']:.2f}x s3 without the latency")
+    if serial:
+        note += f"; read_ahead 1: {serial[0]['vs_local']:.2f}x local"
+    if ours["server_cores"] is not None:
+        note += (f"; CPU cores: loader {ours['loader_cores']:.2f}, moto server "
+                 f"{ours['server_cores']:.2f}, other processes {ours['other_cores']:.2f}")
+    return ours["views_per_s"], local["views_per_s"], note
 
 
 def _pretrain_args(arch: str) -> Callable[[str, Path], list[str]]:
@@ -237,6 +268,7 @@ def _scaling_headline(result: dict[str, Any]) -> tuple[float, float, str]:
 STAGES = [
     Stage("prepare", "prepare_throughput.py", "slices/s", _prepare_args, _prepare_headline),
     Stage("loader", "loader_throughput.py", "views/s", _loader_args, _loader_headline),
+    Stage("loader_s3", "loader_s3.py", "views/s", _loader_s3_args, _loader_s3_headline),
     Stage("pretrain_resnet50", "pretrain_throughput.py", "views/s",
           _pretrain_args("resnet50"), _pretrain_headline),
     Stage("pretrain_vit", "pretrain_throughput.py", "views/s",

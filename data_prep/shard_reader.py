@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,20 @@ class IndexedShards:
         if shard not in self._tables:
             self._tables[shard] = _parse_index(self.locations[shard], int(self.counts[shard]))
         return self._tables[shard]
+
+    def load_tables(self, shards: Iterable[int], parallel: int = 8) -> None:
+        """Parse the index files of ``shards`` now, ``parallel`` at a time: on an object
+        store each costs a round trip that a loader worker would otherwise wait out
+        inline when it first meets the shard (tables parsed before DataLoader workers
+        fork are theirs too)."""
+        todo = sorted({int(s) for s in shards} - set(self._tables))
+        if len(todo) > 1 and parallel > 1:
+            with ThreadPoolExecutor(min(parallel, len(todo))) as pool:
+                tables = pool.map(lambda s: _parse_index(self.locations[s],
+                                                         int(self.counts[s])), todo)
+                self._tables.update(zip(todo, tables))
+        for shard in todo:
+            self.table(shard)
 
     def stored_image(self, number: int) -> np.ndarray:
         """Sample ``number``'s image as stored (source dtype and shape, not normalised)."""

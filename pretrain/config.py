@@ -28,7 +28,7 @@ class DataConfig:
     resampled: bool = False
     # Reads each loader worker keeps in flight (ranged GETs on an object store, where each
     # request waits tens of milliseconds); 1 reads one at a time.
-    read_ahead: int = 4
+    read_ahead: int = 8
     # Object-store datasets: a node-local folder that keeps whole shards once fetched, for
     # later epochs (empty: none), bounded to cache_max_gb (least recently used go first).
     cache_dir: str = ""

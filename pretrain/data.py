@@ -86,7 +86,7 @@ class _StretchReader(IterableDataset):
 
 def build_loader(data_path: str, *, seed: int, epoch: int, rank: int, stretch: Stretch,
                  history: Sequence[Stretch] = (), epoch_samples: int = 0,
-                 resampled: bool = False, pin_memory: bool = False, read_ahead: int = 4,
+                 resampled: bool = False, pin_memory: bool = False, read_ahead: int = 8,
                  cache: ShardCache | None = None) -> DataLoader:
     """Rank ``rank``'s loader for one stretch of ``epoch``: exactly ``stretch.batches -
     stretch.done`` tensors (micro_batch, C, H, W) float32, the samples no earlier stretch of
@@ -102,6 +102,9 @@ def build_loader(data_path: str, *, seed: int, epoch: int, rank: int, stretch: S
              for reader in range(stretch.readers)]
     skips = [stretch.reader_batches(r, stretch.done) * stretch.micro_batch
              for r in range(stretch.readers)]
+    if shards.remote:  # the index files this rank needs, before the workers fork
+        shards.load_tables(np.searchsorted(shards.starts, order[np.concatenate(parts)],
+                                           side="right") - 1, parallel=read_ahead)
     reader = _StretchReader(shards, order, parts, skips, stretch, read_ahead)
     return DataLoader(reader, batch_size=None, num_workers=stretch.workers,
                       pin_memory=pin_memory, persistent_workers=False)

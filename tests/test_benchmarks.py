@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "loader", "pretrain_resnet50", "pretrain_vit", "packing", "finetune",
-          "sweep", "scaling"]
+STAGES = ["prepare", "loader", "loader_s3", "pretrain_resnet50", "pretrain_vit", "packing",
+          "finetune", "sweep", "scaling"]
 
 
 @pytest.mark.slow

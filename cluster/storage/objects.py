@@ -27,7 +27,8 @@ def read_bytes(location: PathOrUrl) -> bytes:
         return local_path(location).read_bytes()
     url = normalize(location)
     fs = filesystem(url)
-    return retrying(lambda: fs.cat_file(strip_scheme(url)), url, "read")
+    # one GET: s3fs would otherwise ask for the size first to split a large read
+    return retrying(lambda: fs.cat_file(strip_scheme(url), max_concurrency=1), url, "read")
 
 
 def read_text(location: PathOrUrl) -> str:
