@@ -13,14 +13,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cluster.storage import join
+from cluster.storage.objects import delete, read_bytes, write_bytes
 from data_prep.acdc import discover_patients
 from data_prep.errors import DataError
 from data_prep.manifest import Manifest
 from data_prep.prepare import PrepareConfig, prepare_dataset
-from data_prep.shard_reader import iterate_shards, shard_paths
+from data_prep.shard_reader import index_location, iterate_shards, shard_paths
 from data_prep.verify import verify_dataset
 from data_prep.zarr_store import LabeledSlices
 from tests.anatomy import axial_layout
+from tests.s3_support import S3Server, upload_tree
 
 
 def _nifti(path: Path) -> np.ndarray:
@@ -129,6 +132,19 @@ def test_verify_accepts_then_catches_corruption(prepared: Path, tmp_path: Path) 
     result = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(copy)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "problem" in result.stdout
+
+
+def test_verify_a_dataset_in_an_object_store(prepared: Path, s3: S3Server) -> None:
+    url = upload_tree(prepared, join(s3.new_bucket(), "phantom"))
+    assert verify_dataset(url) == []
+    shard = join(url, "shards", Manifest.read(prepared).shards[1]["name"])
+    data = bytearray(read_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    write_bytes(shard, bytes(data))
+    delete(index_location(join(url, "shards", Manifest.read(prepared).shards[2]["name"])))
+    problems = verify_dataset(url)
+    assert any(p.startswith(f"{shard}: checksum") for p in problems), problems
+    assert any("DALI index missing" in p and p.startswith(url) for p in problems), problems
 
 
 def test_rerun_is_idempotent_and_other_config_refused(prepared: Path, phantom_root: Path) -> None:
