@@ -12,6 +12,7 @@ that can continue or a complete one, never neither.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from cluster.storage import is_url, local_path
@@ -61,6 +62,12 @@ class RunFolder:
         ``metrics.json`` is there."""
         if self.mirror is not None:
             self.mirror.push(commit=[METRICS_FILE])
+
+    def close(self) -> None:
+        """Drop the node-local copy of a run kept in a store (a sweep's node trains
+        hundreds of runs; each copy holds weights and a checkpoint)."""
+        if self.mirror is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
 
     def upload(self, *names: str) -> None:
         """Upload these files now (small records a restart elsewhere must see)."""

@@ -86,11 +86,14 @@ def run_trial(config: dict[str, Any]) -> None:
 
     context = {"trial": trial.key, "node_id": node_id, "torch_threads": torch.get_num_threads(),
                "ray_trial_id": tune.get_context().get_trial_id()}
-    metrics = fine_tune(finetune, on_epoch=report_epoch, start_context=context,
-                        folder=folder)
-    info["wall_seconds"] = round(previous_seconds + time.monotonic() - started, 3)
-    atomic_write_json(run_dir / TRIAL_FILE, info)
-    folder.upload(TRIAL_FILE)
+    try:
+        metrics = fine_tune(finetune, on_epoch=report_epoch, start_context=context,
+                            folder=folder)
+        info["wall_seconds"] = round(previous_seconds + time.monotonic() - started, 3)
+        atomic_write_json(run_dir / TRIAL_FILE, info)
+        folder.upload(TRIAL_FILE)
+    finally:
+        folder.close()  # a run in a store: its node-local copy goes (a retry fetches it)
     tune.report(_final_metrics(metrics))
 
 

@@ -160,16 +160,19 @@ def fine_tune(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     """
     if not config.data or not config.out:
         raise ValueError("data and out are required")
-    if folder is None:
+    if folder is None:  # opened (and for a URL, its local copy dropped at the end) here
         folder = RunFolder(config.out)
         done = _completed_metrics(folder, config)
         if done is not None:
             return done
         folder.open()
-    else:
-        done = _completed_metrics(folder, config)
-        if done is not None:
-            return done
+        try:
+            return fine_tune(config, on_epoch, start_context, folder)
+        finally:
+            folder.close()
+    done = _completed_metrics(folder, config)
+    if done is not None:
+        return done
     run_dir = folder.local
     run = prepare_run(config, run_dir)
     progress = resume(run_dir, run.model, run.step.optimizer)

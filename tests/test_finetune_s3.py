@@ -11,17 +11,19 @@ import safetensors.torch
 import torch
 
 import finetune.train as train_module
+from cluster.storage import join
+from cluster.storage.objects import list_files, read_bytes
 from data_prep.zarr_store import LabeledSlices
 from finetune.cli import main
 from finetune.config import FinetuneConfig
 from finetune.sweep_config import base_config, load_sweep_config
-from finetune.train import BEST_WEIGHTS, train_run
+from finetune.train import BEST_WEIGHTS, read_starts, train_run
 from tests.s3_support import S3Server, upload_tree
 
 TIMINGS = ("seconds", "train_images_per_s")  # the only fields two equal runs may differ in
 
 
-def tiny_config(data: str, out: Path) -> FinetuneConfig:
+def tiny_config(data: str, out: Path | str) -> FinetuneConfig:
     return FinetuneConfig(data=data, out=str(out), arch="resnet10t", budget=4, seed=0,
                           epochs=2, batch_size=2, epoch_samples=8, lr=1e-3,
                           warmup_epochs=0.5, device="cpu", progress=False, overlays=0,
@@ -50,10 +52,21 @@ def test_run_from_s3_equals_run_from_local_and_reads_once(
     monkeypatch.setattr(LabeledSlices, "read", read)
     monkeypatch.setattr(train_module, "train_epoch", train_epoch)
     runs = {}
-    for name, data in (("local", str(prepared)), ("s3", url)):
+    out = join(url.rsplit("/", 1)[0], "runs", "ft")  # the run folder in the store too
+    monkeypatch.setenv("MEDSSL_LOCAL_RUNS", str(tmp_path / "node"))
+    for name, data, folder in (("local", str(prepared), str(tmp_path / "local")),
+                               ("s3", url, out)):
         training[0] = False
-        runs[name] = train_run(tiny_config(data, tmp_path / name))
+        runs[name] = train_run(tiny_config(data, folder))
     assert reads and late_reads == []
+    # the finished run is in the store, committed (no last.pt), its local copy gone
+    stored = list_files(out)
+    assert {"metrics.json", BEST_WEIGHTS, "row.json", "starts.jsonl"} <= set(stored)
+    assert "last.pt" not in stored and not any((tmp_path / "node").iterdir())
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "s3" / BEST_WEIGHTS).write_bytes(read_bytes(join(out, BEST_WEIGHTS)))
+    assert train_run(tiny_config(url, out)) == runs["s3"]  # complete: nothing trains
+    assert len(read_starts(out)) == 1
 
     local, remote = runs["local"], runs["s3"]
     assert remote["complete"] and len(remote["epochs"]) == 2
