@@ -111,25 +111,28 @@ class FaultProxy:
         self.port = self._listener.getsockname()[1]
         self.endpoint = f"http://{LOOPBACK}:{self.port}"
         self._open: set[socket.socket] = set()
-        self._running = True
+        self._gone = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
-        """Stop listening and drop every open connection: the server is gone."""
-        self._running = False
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        """The server is gone for good: every open connection is reset, and so is every
+        new one at once. The port stays taken (a freed port could be handed to another
+        test's server, which would then answer for the dead one)."""
+        self._gone = True
         with self._lock:
             for sock in list(self._open):
                 _reset(sock)
             self._open.clear()
 
     def _accept(self) -> None:
-        while self._running:
+        while True:
             try:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._gone:
+                _reset(client)
+                continue
             with self._lock:
                 self.connections += 1
                 number = self.connections

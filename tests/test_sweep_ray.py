@@ -10,10 +10,10 @@ import io
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -76,23 +76,36 @@ def _job_shell() -> tuple[psutil.Process, psutil.Process]:
     return shells[0], drivers[0]
 
 
+@dataclass
+class Submitted:
+    sweep: str  # the sweep's URL
+    output: str  # the console of the job that finished it
+    done_before: set[str]  # run folders complete when the first job's shell was killed
+
+
 @pytest.fixture(scope="module")
-def submitted(cluster: RayCluster, prepared: Path, pretrain_run: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, set[str]]:
-    """A 2 inits x 2 budgets sweep submitted with `ray job submit`: four one-CPU trials,
-    so each of the two one-CPU nodes must run some. The first job's shell is killed
-    mid-sweep (a second driver started meanwhile must not join in) and the job is
-    submitted again, as a user would."""
+def submitted(cluster: RayCluster, prepared: Path, pretrain_run: Path, s3: S3Server,
+              tmp_path_factory: pytest.TempPathFactory) -> Submitted:
+    """A 2 inits x 2 budgets sweep submitted with `ray job submit` on nodes that share
+    nothing but the object store: the dataset, the encoder and the sweep live there. Four
+    one-CPU trials, so each of the two one-CPU nodes must run some. The first job's shell
+    is killed mid-sweep (a second driver started meanwhile must not join in), every
+    node-local folder is wiped, and the job is submitted again, as a user would; with
+    max_failures 0, so that any retry Tune's bookkeeping cost would fail a trial."""
     work = tmp_path_factory.mktemp("job")
     (work / "project").mkdir()
+    bucket = s3.new_bucket()
+    data = upload_tree(prepared, join(bucket, "data", "phantom"))
+    export = upload_tree(pretrain_run / "export", join(bucket, "pretrain", "byol", "export"))
     config = _write_config(
-        work / "project", name="tiny", storage=str(work / "storage"), data=str(prepared),
-        base=BASE, inits={"random": "random", "ssl": str(pretrain_run / "export")},
-        budgets=[4, 8], seeds=[0], resources={"cpu": 1}, lease_s=2)
-    runs = work / "storage" / "tiny" / "runs"
+        work / "project", name="tiny", storage=join(bucket, "sweeps"), data=data, base=BASE,
+        inits={"random": "random", "ssl": export}, budgets=[4, 8], seeds=[0],
+        resources={"cpu": 1}, max_failures=0, lease_s=2)
+    sweep = join(bucket, "sweeps", "tiny")
     first = _job(cluster, config.parent, "--no-wait")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    _wait_for(lambda: any(runs.rglob("starts.jsonl")), 300)  # trials are training
+    # trials are training (in their nodes' local copies of their run folders)
+    _wait_for(lambda: any(any(d.rglob("starts.jsonl")) for d in cluster.local_dirs), 300)
     # a second driver while the job runs: it waits, then stops naming the holder
     second = _sweep(cluster, config, timeout=60)
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
@@ -104,62 +117,81 @@ def submitted(cluster: RayCluster, prepared: Path, pretrain_run: Path,
     shell.kill()
     gone, alive = psutil.wait_procs([driver], timeout=10)
     assert gone and not alive, "the orphaned driver kept running"
-    done_before = {str(p) for p in _finished(runs)}
+    done_before = set(_finished(sweep))
     assert len(done_before) < 4, "the sweep finished before its job could be killed"
+    for folder in (*cluster.local_dirs, Path(cluster.env["MEDSSL_LOCAL_RUNS"])):
+        shutil.rmtree(folder, ignore_errors=True)  # every node starts with an empty disk
     job = _job(cluster, config.parent)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "driven by" in job.stdout  # it waited for the dead driver's lease to lapse
-    return work / "storage" / "tiny", job.stdout, done_before
+    return Submitted(sweep, job.stdout, done_before)
 
 
-def _finished(runs: Path) -> list[Path]:
-    return [p.parent for p in runs.rglob("metrics.json")
-            if json.loads(p.read_text())["complete"]]
+def _finished(sweep: str) -> list[str]:
+    """The sweep's run folders whose metrics in the store say complete."""
+    return [join(sweep, "runs", name.rsplit("/", 1)[0])
+            for name in list_files(join(sweep, "runs")) if name.endswith("metrics.json")
+            and read_run_metrics(join(sweep, "runs", name)).complete]
 
 
-def test_job_submit_runs_every_trial_on_both_nodes(
-        cluster: RayCluster, submitted: tuple[Path, str, set[str]]) -> None:
-    sweep_dir, output, done_before = submitted
+def _table(url: str) -> pd.DataFrame:
+    data = io.BytesIO(read_bytes(url))
+    return pd.read_parquet(data) if url.endswith(".parquet") else pd.read_csv(data)
+
+
+def test_job_submit_runs_every_trial_on_both_nodes(cluster: RayCluster,
+                                                   submitted: Submitted,
+                                                   tmp_path: Path) -> None:
+    sweep, output, done_before = submitted.sweep, submitted.output, submitted.done_before
     assert "succeeded" in output
-    results = pd.read_csv(sweep_dir / "results.csv")
+    for noise in ("Could not fetch metrics", "Trials did not complete", "Traceback"):
+        assert noise not in output, output[-4000:]
+    results = _table(join(sweep, "results.csv"))
     assert len(results) == 4
     assert set(zip(results["init"], results["budget"], results["seed"])) == {
         (init, budget, 0) for init in ("random", "ssl") for budget in (4, 8)}
     for row in results.itertuples():
-        metrics = json.loads((Path(row.run_dir) / "metrics.json").read_text())
-        assert Path(row.run_dir).is_relative_to(sweep_dir / "runs")
-        assert row.test_dice == metrics["test"]["dice"]
-        assert row.test_iou == metrics["test"]["iou"]
-        assert row.test_dice_LV == metrics["test"]["dice_per_class"]["LV"]
-        assert row.epochs_to_95pct == metrics["convergence"]["epochs_to_95pct"]
-        assert math.isclose(row.normalised_auc, metrics["convergence"]["normalised_auc"])
+        metrics = read_run_metrics(row.run_dir)
+        assert row.run_dir.startswith(join(sweep, "runs") + "/")
+        assert row.test_dice == metrics.test.dice and row.test_iou == metrics.test.iou
+        assert row.test_dice_LV == metrics.test.dice_per_class["LV"]
+        assert row.epochs_to_95pct == metrics.convergence["epochs_to_95pct"]
+        assert math.isclose(row.normalised_auc, metrics.convergence["normalised_auc"])
         # finished before the kill: never trained again; the others at most resumed once,
         # never by two drivers at once (each start begins where the last one stopped)
         starts = read_starts(row.run_dir)
-        assert row.trainings == len(starts) == (1 if row.run_dir in done_before else
-                                                row.trainings)
-        assert 1 <= len(starts) <= 2
+        assert row.trainings == len(starts) and 1 <= len(starts) <= 2
+        assert len(starts) == 1 or row.run_dir not in done_before
         assert [s["resume_epoch"] for s in starts] == sorted(s["resume_epoch"] for s in starts)
-    parquet = pd.read_parquet(sweep_dir / "results.parquet")
+        assert "last.pt" not in list_files(row.run_dir)  # complete: the checkpoint is gone
+    parquet = _table(join(sweep, "results.parquet"))
     assert parquet["test_dice"].tolist() == results["test_dice"].tolist()
     # both nodes ran trials, and each trial's torch threads equal its one-CPU share
     assert set(results["node_id"]) == cluster.node_ids()
     assert set(results["torch_threads"]) == {1}
-    report = (sweep_dir / "report" / "report.md").read_text()
-    assert "| ssl | 8 |" in report and (sweep_dir / "report" / "report.html").is_file()
-    assert len(pd.read_csv(sweep_dir / "report" / "tables" / "runs.csv")) == 4
+    assert "| ssl | 8 |" in read_bytes(join(sweep, "report", "report.md")).decode()
+    assert len(_table(join(sweep, "report", "tables", "runs.csv"))) == 4
     # console: one line per trial event and a closing table, not Tune's result dumps
     todo = 4 - len(done_before)
     assert (f"resuming, {len(done_before)} of 4 trials complete, " if done_before else
             "sweep tiny: ") + f"{todo} of 4 trials to run" in output
     assert output.count("start    ") == todo and output.count("done     ") == todo
     assert f"{todo} finished, 0 failed" in output and "trial_id" not in output
+    # the report again, from a machine with nothing but the store
+    report = subprocess.run(
+        [sys.executable, "-m", "finetune", "report", sweep, "--out", join(sweep, "again")],
+        env={**cluster.env, "MEDSSL_LOCAL_RUNS": str(tmp_path / "elsewhere")},
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert report.stdout.strip().splitlines()[-1] == join(sweep, "again", "report.html")
+    assert "| ssl | 8 |" in read_bytes(join(sweep, "again", "report.md")).decode()
 
 
-def test_sweep_equals_the_local_grid(submitted: tuple[Path, str, set[str]],
-                                     tmp_path: Path) -> None:
-    sweep_dir, _, _ = submitted
-    config = load_sweep_config(yaml.safe_load((sweep_dir / "sweep.yaml").read_text()))
+def test_sweep_equals_the_local_grid(submitted: Submitted, tmp_path: Path) -> None:
+    """The sweep in the store, resumed across a killed job on wiped nodes, computed what
+    the same runs compute one after another in a folder on this machine."""
+    config = load_sweep_config(yaml.safe_load(read_bytes(join(submitted.sweep,
+                                                               "sweep.yaml"))))
     trials = [t for t in plan_trials(config) if t.budget == 4 and t.seed == 0]
     base = trial_config(config, trials[0])
     threads = torch.get_num_threads()
@@ -169,7 +201,7 @@ def test_sweep_equals_the_local_grid(submitted: tuple[Path, str, set[str]],
                          tmp_path / "runs", progress=False)
     finally:
         torch.set_num_threads(threads)
-    results = pd.read_csv(sweep_dir / "results.csv").set_index("trial")
+    results = _table(join(submitted.sweep, "results.csv")).set_index("trial")
     for trial, metrics in zip(trials, local):
         row = results.loc[trial.key]
         assert row.test_dice == metrics["test"]["dice"]
@@ -184,67 +216,6 @@ def _wait_for(predicate, timeout: float, process: subprocess.Popen | None = None
             raise AssertionError(f"driver ended early: {process.stdout.read()[-3000:]}")
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
-
-
-def test_sweep_in_s3_resumes_on_empty_nodes_after_its_driver_is_killed(
-        cluster: RayCluster, prepared: Path, pretrain_run: Path, s3: S3Server,
-        submitted: tuple[Path, str, set[str]], tmp_path: Path) -> None:
-    """The nodes share nothing but the object store: the dataset, the encoder and the
-    sweep live there. The driver dies mid-sweep, every node-local folder is wiped, and
-    the same command, given nothing but the URLs, finishes the sweep with the numbers the
-    same sweep on a file system produced; Tune's rotated checkpoints cost no retry
-    (max_failures 0)."""
-    bucket = s3.new_bucket()
-    data = upload_tree(prepared, join(bucket, "data", "phantom"))
-    export = upload_tree(pretrain_run / "export", join(bucket, "pretrain", "byol", "export"))
-    config = _write_config(
-        tmp_path, name="cloud", storage=join(bucket, "sweeps"), data=data, base=BASE,
-        inits={"random": "random", "ssl": export}, budgets=[4, 8], seeds=[0],
-        resources={"cpu": 1}, max_failures=0, lease_s=3)
-    sweep = join(bucket, "sweeps", "cloud")
-
-    def finished() -> list[str]:
-        return [join(sweep, "runs", name.rsplit("/", 1)[0])
-                for name in list_files(join(sweep, "runs"))
-                if name.endswith("metrics.json") and read_run_metrics(
-                    join(sweep, "runs", name)).complete]
-
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "finetune", "sweep", "--config", str(config), "--address",
-         cluster.gcs_address], env=cluster.env, cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: len(finished()) >= 1, 300, driver)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    done_before = set(finished())
-    assert len(done_before) < 4, "the sweep finished before it could be killed"
-    for folder in (*cluster.local_dirs, Path(cluster.env["MEDSSL_LOCAL_RUNS"])):
-        shutil.rmtree(folder, ignore_errors=True)  # every node starts with an empty disk
-    resumed = _sweep(cluster, config)
-    output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, output[-4000:]
-    assert f"resuming, {len(done_before)} of 4 trials complete" in output
-    for noise in ("Could not fetch metrics", "Trials did not complete", "Traceback"):
-        assert noise not in output, output[-4000:]
-    assert f"{sweep}/results.csv" in output
-
-    cloud = pd.read_csv(io.BytesIO(read_bytes(join(sweep, "results.csv")))).set_index("trial")
-    local = pd.read_csv(submitted[0] / "results.csv").set_index("trial")
-    assert sorted(cloud.index) == sorted(local.index)
-    for column in ("test_dice", "test_iou", "test_hd95_mm", "best_dice", "epochs_to_95pct"):
-        assert cloud[column].to_dict() == local.loc[cloud.index, column].to_dict(), column
-    for run_dir in cloud["run_dir"]:
-        starts = read_starts(run_dir)
-        assert len(starts) == 1 if run_dir in done_before else 1 <= len(starts) <= 2
-    # the report, from any machine with nothing but the store
-    report = subprocess.run(
-        [sys.executable, "-m", "finetune", "report", sweep, "--out", join(sweep, "again")],
-        env={**cluster.env, "MEDSSL_LOCAL_RUNS": str(tmp_path / "elsewhere")},
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert report.returncode == 0, report.stderr[-3000:]
-    assert report.stdout.strip().splitlines()[-1] == join(sweep, "again", "report.html")
-    assert "| ssl | 8 |" in read_bytes(join(sweep, "again", "report.md")).decode()
-    assert "| ssl | 8 |" in read_bytes(join(sweep, "report", "report.md")).decode()
 
 
 def test_failed_trial_is_retried_from_its_last_epoch(cluster: RayCluster, prepared: Path,
