@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import dump_yaml, to_dict
-from cluster.parent_watch import exit_with_parent, under_ray_job
+from cluster.parent_watch import RAY_JOB_ENV, exit_with_parent, under_ray_job
 from cluster.storage import is_url, join
 from cluster.storage.lease import Lease, LeaseRecord, default_holder
 from cluster.storage.mirror import local_folder_for
@@ -76,7 +76,7 @@ def take_lease(config: SweepConfig) -> Lease:
     lives. Another live driver is waited for up to twice the lease's time to live, then
     named in the error; a dead one's lease lapses and is taken over. A driver that loses
     its lease, or (under ``ray job submit``) its job's process, stops at once."""
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    job = os.environ.get(RAY_JOB_ENV, "")
     holder = default_holder() + (f", Ray job {_job_id(job)}" if job else "")
     lease = Lease(join(config.sweep_dir, LEASE_FILE), ttl=config.lease_s, holder=holder)
 
