@@ -73,8 +73,6 @@ def publish_report(path: str | Path, out: str | Path | None = None,
     store (or into one) is built in a node-local folder and uploaded; returns the page's
     path or URL. Reading needs nothing but the store: no file system is shared."""
     target = str(out) if out is not None else join(path, "report")
-    if not is_url(target) and not is_url(path):
-        return str(build_report(path, out, settings).resolve())
     if not is_url(target):
         return str(build_report(path, target, settings).resolve())
     staging = local_folder_for(target)

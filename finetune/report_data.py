@@ -17,9 +17,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from cluster.storage import StorageError, is_url, join, local_path, parent_of
+from cluster.storage import is_url, join, local_path, parent_of
 from cluster.storage.objects import list_files, read_text
-from cluster.storage.urls import normalize
+from cluster.storage.urls import absolute
 from finetune.outputs import result_row
 from finetune.report_stats import pretraining_epochs, pretraining_series
 from finetune.run_metrics import METRICS_FILE, RunMetrics, read_run_metrics
@@ -68,7 +68,7 @@ def load_study(path: str | Path) -> StudyRuns:
         location = join(path, name)
         try:
             loaded = read_run_metrics(location)
-        except (OSError, StorageError) as exc:
+        except OSError as exc:  # a store failing past its retries too (StorageError)
             raise ValueError(f"{location}: not a readable metrics file ({exc})") from None
         # where the run is now, not where it was written (a copied or moved study)
         loaded.run_dir = parent_of(location) if is_url(path) else \
@@ -105,9 +105,7 @@ def _unit(run: RunMetrics) -> str:
 
 def _dataset(run: RunMetrics) -> str:
     data = run.config.get("data")
-    if not data:
-        return "(unknown)"
-    return normalize(data) if is_url(data) else str(Path(data).resolve())
+    return absolute(data) if data else "(unknown)"
 
 
 def _classes(run: RunMetrics) -> str:

@@ -160,19 +160,23 @@ def fine_tune(config: FinetuneConfig, on_epoch: EpochCallback | None = None,
     """
     if not config.data or not config.out:
         raise ValueError("data and out are required")
-    if folder is None:  # opened (and for a URL, its local copy dropped at the end) here
-        folder = RunFolder(config.out)
-        done = _completed_metrics(folder, config)
-        if done is not None:
-            return done
-        folder.open()
-        try:
-            return fine_tune(config, on_epoch, start_context, folder)
-        finally:
-            folder.close()
+    opened_here = folder is None
+    folder = folder or RunFolder(config.out)
     done = _completed_metrics(folder, config)
     if done is not None:
         return done
+    if not opened_here:
+        return _train(config, folder, on_epoch, start_context)
+    folder.open()
+    try:
+        return _train(config, folder, on_epoch, start_context)
+    finally:
+        folder.close()  # a run in a store: its node-local copy goes
+
+
+def _train(config: FinetuneConfig, folder: RunFolder, on_epoch: EpochCallback | None,
+           start_context: dict[str, Any] | None) -> RunMetrics:
+    """``fine_tune``'s training, in the opened ``folder``."""
     run_dir = folder.local
     run = prepare_run(config, run_dir)
     progress = resume(run_dir, run.model, run.step.optimizer)

@@ -24,8 +24,7 @@ import torch
 
 from cluster.storage import is_url, join, parent_of
 from cluster.storage.objects import list_files
-from data_prep.manifest import Manifest
-from data_prep.shard_reader import IndexedShards, index_location
+from data_prep.shard_reader import IndexedShards, index_location, shard_paths
 from pretrain.config import ViewConfig
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -45,11 +44,6 @@ def require_dali() -> None:
             "the DALI data backend needs NVIDIA DALI, which cannot be imported "
             f"({exc}); install it with `pip install -e '.[dali]'` (nvidia-dali-cuda130), "
             "or use the WebDataset loader") from exc
-
-
-def shard_locations(data_path: str) -> list[str]:
-    """Each shard's path (its URL for an ``s3://`` dataset), in manifest order."""
-    return [join(data_path, "shards", s["name"]) for s in Manifest.read(data_path).shards]
 
 
 def index_paths(paths: list[str]) -> list[str]:
@@ -125,7 +119,7 @@ def build_dali_loader(
 
     from pretrain.dali_pipeline import build_pipeline
 
-    paths = shard_locations(data_path)
+    paths = shard_paths(data_path)
     if is_url(data_path):
         check_s3_endpoint()
     if shuffle_buffer > 1:

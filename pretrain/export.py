@@ -22,7 +22,7 @@ from cluster.config import ConfigError, from_dict
 from cluster.storage import is_url, join, local_path, name_of
 from cluster.storage.mirror import staged_folder
 from cluster.storage.objects import exists, list_files
-from cluster.storage.urls import PathOrUrl, normalize
+from cluster.storage.urls import PathOrUrl, absolute, normalize
 from data_prep.manifest import Manifest
 from pretrain.checkpoint import CHECKPOINT_DIR, LATEST
 from pretrain.checkpoint_state import PretrainCheckpoint, read_checkpoint
@@ -49,7 +49,7 @@ def export_backbone(encoder: nn.Module, folder: Path, config: PretrainConfig, *,
     with atomic_path(folder / EXPORT_WEIGHTS) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
     meta = backbone_meta(config, encoder, epochs=epochs, steps=steps)
-    meta.checkpoint = _absolute(checkpoint) if checkpoint is not None else None
+    meta.checkpoint = absolute(checkpoint) if checkpoint is not None else None
     meta.probe = probe
     meta.write(folder)
     return folder / EXPORT_WEIGHTS
@@ -68,13 +68,8 @@ def backbone_meta(config: PretrainConfig, encoder: nn.Module, *, epochs: int,
         init=config.model.encoder_init().recorded(), data=_data_meta(config.data.path))
 
 
-def _absolute(location: PathOrUrl) -> str:
-    """A URL as is, a path made absolute: what an export records of where things are."""
-    return normalize(location) if is_url(location) else str(local_path(location).resolve())
-
-
 def _data_meta(path: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"path": _absolute(path)}
+    data: dict[str, Any] = {"path": absolute(path)}
     try:
         manifest = Manifest.read(path)
     except (OSError, ValueError):  # OSError: also a store that is gone or denies access

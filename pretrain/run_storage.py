@@ -18,7 +18,8 @@ from cluster.distributed import DistInfo, barrier
 from cluster.storage import is_url, join, local_path
 from cluster.storage.mirror import FolderMirror, local_folder_for
 from cluster.storage.objects import copy, delete, download, list_files
-from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, load_latest, shard_name
+from pretrain.checkpoint import CHECKPOINT_DIR, LATEST, shard_name
+from pretrain.checkpoint_state import read_checkpoint
 
 # per-rank optimizer shards: checkpoints/<folder>/rankNNNNN.pt
 _RANK_FILE = re.compile(rf"{CHECKPOINT_DIR}/[^/]+/rank\d{{5}}\.pt")
@@ -53,7 +54,9 @@ class RunStorage:
     def _fetch_named_shards(self) -> list[str]:
         """The optimizer shards ``last.pt`` points at, when they are a kept copy's (a run
         restarted from a kept epoch: its ``epochNNNN.pt`` copied to ``last.pt``)."""
-        checkpoint = load_latest(self.local)
+        latest = self.local / CHECKPOINT_DIR / LATEST
+        # memory-mapped: only the few fields read here come off the disk
+        checkpoint = read_checkpoint(latest, mmap=True) if latest.is_file() else None
         if checkpoint is None or not checkpoint.zero_shards or \
                 (self.local / CHECKPOINT_DIR / checkpoint.zero_shards).is_dir():
             return []

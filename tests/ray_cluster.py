@@ -88,6 +88,18 @@ def _port_base() -> int:
     raise RuntimeError("no free port range for a test Ray cluster")
 
 
+def _node_ports(first: int, workers: int) -> list[str]:
+    """One CPU, no GPU, and every port a node opens from the test's range: Ray's defaults
+    (the dashboard agent's 52365) would collide with a local instance's. Its five own
+    ports from ``first``, worker ports ``workers`` .. ``workers + 99``."""
+    return ["--num-cpus", "1", "--num-gpus", "0",
+            "--node-manager-port", str(first), "--object-manager-port", str(first + 1),
+            "--dashboard-agent-listen-port", str(first + 2),
+            "--metrics-export-port", str(first + 3), "--runtime-env-agent-port", str(first + 4),
+            "--min-worker-port", str(workers), "--max-worker-port", str(workers + 99),
+            "--disable-usage-stats"]
+
+
 def start_cluster(tmp: Path, extra_env: dict[str, str] | None = None) -> RayCluster:
     port = _port_base()
     dashboard_port = port + 1
@@ -103,27 +115,15 @@ def start_cluster(tmp: Path, extra_env: dict[str, str] | None = None) -> RayClus
     head = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", HOST, "--port", str(port),
          "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
-         "--ray-client-server-port", str(port + 2),
-         "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", str(head_temp),
-         # every port of the range: Ray's defaults (the dashboard agent's 52365) would
-         # collide with a local instance's
-         "--node-manager-port", str(port + 101), "--object-manager-port", str(port + 102),
-         "--dashboard-agent-listen-port", str(port + 103),
-         "--metrics-export-port", str(port + 104), "--runtime-env-agent-port", str(port + 105),
-         "--min-worker-port", str(port + 300), "--max-worker-port", str(port + 399),
-         "--disable-usage-stats"],
+         "--ray-client-server-port", str(port + 2), "--temp-dir", str(head_temp),
+         *_node_ports(port + 101, port + 300)],
         env={**env, "MEDSSL_LOCAL_RUNS": str(local_dirs[0])}, capture_output=True, text=True,
         timeout=120)
     assert head.returncode == 0, head.stdout + head.stderr
     worker = subprocess.run(
         [sys.executable, str(START_LOOPBACK_NODE), "start", "--address", cluster.gcs_address,
-         "--node-ip-address", HOST, "--num-cpus", "1", "--num-gpus", "0",
-         "--temp-dir", str(tmp / "node2"),
-         "--node-manager-port", str(port + 111), "--object-manager-port", str(port + 112),
-         "--dashboard-agent-listen-port", str(port + 113),
-         "--metrics-export-port", str(port + 114), "--runtime-env-agent-port", str(port + 115),
-         "--min-worker-port", str(port + 200), "--max-worker-port", str(port + 299),
-         "--disable-usage-stats"],
+         "--node-ip-address", HOST, "--temp-dir", str(tmp / "node2"),
+         *_node_ports(port + 111, port + 200)],
         env={**env, "MEDSSL_LOCAL_RUNS": str(local_dirs[1])}, capture_output=True, text=True,
         timeout=120)
     assert worker.returncode == 0, worker.stdout + worker.stderr

@@ -22,12 +22,11 @@ import torch
 from cluster.storage import is_url, join
 from cluster.storage.objects import delete, upload
 from data_prep.manifest import Manifest
-from data_prep.shard_reader import index_location
+from data_prep.shard_reader import index_location, shard_paths
 from pretrain.dali_loader import (
     build_dali_loader,
     check_s3_endpoint,
     index_paths,
-    shard_locations,
 )
 from tests.s3_support import S3Server, upload_tree
 
@@ -85,7 +84,7 @@ def test_dali_itself_opens_the_urls(published: str) -> None:
 
     from pretrain.dali_pipeline import read_samples
 
-    shards = shard_locations(published)
+    shards = shard_paths(published)
     pipe = Pipeline(batch_size=4, num_threads=1, device_id=None, seed=0)
     with pipe:
         pipe.set_outputs(*read_samples(shards, index_paths(shards), shard_id=0, num_shards=1,

@@ -14,7 +14,6 @@ from cluster.storage.objects import (
     list_files,
     read_bytes,
     read_range,
-    size_of,
     write_bytes,
     write_text,
 )
@@ -43,7 +42,6 @@ def test_same_calls_for_every_place(where: str, s3: S3Server, tmp_path: Path) ->
     write_text(join(root, "dir", "sub", "note.txt"), "hello")
     assert read_bytes(join(root, "dir", "blob.bin")) == data
     assert read_range(join(root, "dir", "blob.bin"), 1000, 1100) == data[1000:1100]
-    assert size_of(join(root, "dir", "blob.bin")) == len(data)
     assert exists(join(root, "dir", "sub", "note.txt"))
     assert not exists(join(root, "dir", "missing.txt"))
     assert list_files(join(root, "dir")) == {"blob.bin": len(data), "sub/note.txt": 5}

@@ -10,6 +10,7 @@ never reads or logs them. ``file://`` URLs are local paths.
 - :mod:`.objects`: whole-object and ranged reads, atomic writes, listing, transfers; every
   call retried on transient failures (:mod:`.retry`), errors naming the URL.
 - :mod:`.mirror`: a local run folder kept in step with its URL.
+- :mod:`.lease`: one holder at a time (a sweep's driver), by compare-and-swap.
 """
 
 from cluster.storage.errors import StorageError

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from fsspec.asyn import sync
+
 from cluster.atomic import atomic_write_text
 from cluster.storage.client import filesystem, strip_scheme
 from cluster.storage.retry import http_status, retrying
@@ -33,8 +35,8 @@ class LeaseHeld(RuntimeError):
     """Someone else holds the lease and keeps renewing it."""
 
 
-class _Conflict(ValueError):
-    """A compare-and-swap found the lease changed under it (a ValueError: never retried)."""
+class _Conflict(Exception):
+    """A compare-and-swap found the lease changed under it."""
 
 
 @dataclass(frozen=True)
@@ -138,30 +140,30 @@ class _ObjectLease:
         self.bucket, _, self.key = strip_scheme(url).partition("/")
 
     def _call(self, method: str, what: str, **kwargs: object) -> dict:
+        """One S3 call, retried on transient failures; a failed precondition (or a
+        concurrent conditional write) is a ``_Conflict``, never retried."""
         fs = filesystem(self.url)
 
-        def call() -> dict:
+        def call() -> dict | None:
             try:
                 return fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
             except Exception as exc:
                 if http_status(exc) in (409, 412) or isinstance(exc, FileExistsError):
-                    raise _Conflict() from exc
+                    return None
                 raise
 
-        try:
-            return retrying(call, self.url, what)
-        except ValueError as exc:  # s3fs names a failed precondition an invalid argument
-            if isinstance(exc.__cause__, _Conflict):
-                raise _Conflict() from exc
-            raise
+        response = retrying(call, self.url, what)
+        if response is None:
+            raise _Conflict()
+        return response
 
     def read(self) -> tuple[str, LeaseRecord] | None:
         try:
             response = self._call("get_object", "lease read")
         except FileNotFoundError:
             return None
-        body = response["Body"]
-        data = _sync_read(body)
+        # the body is an aiobotocore stream: read it on the loop s3fs runs its calls on
+        data = sync(filesystem(self.url).loop, response["Body"].read)
         return response["ETag"], LeaseRecord(**json.loads(data))
 
     def create(self, record: LeaseRecord) -> str:
@@ -178,14 +180,6 @@ class _ObjectLease:
             raise _Conflict()
         with contextlib.suppress(FileNotFoundError):
             self._call("delete_object", "lease release")
-
-
-def _sync_read(body: object) -> bytes:
-    """The bytes of a get_object body from s3fs's sync wrapper (an aiobotocore stream)."""
-    from fsspec.asyn import sync
-
-    fs_loop = filesystem("s3://").loop  # the loop s3fs runs its calls on
-    return sync(fs_loop, body.read)  # type: ignore[attr-defined]
 
 
 class _FileLease:

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from cluster.atomic import TMP_MARKER
 from cluster.storage.objects import delete, download, list_files, upload
 from cluster.storage.urls import is_url, join, local_path, name_of, normalize
 
@@ -65,7 +66,7 @@ class FolderMirror:
         self.local.mkdir(parents=True)
         fetched = []
         for name in sorted(list_files(self.url)):
-            if skip(name) or ".tmp-" in name:
+            if skip(name) or TMP_MARKER in name:
                 continue
             download(join(self.url, name), self.local / name)
             self._pushed[name] = self._stat(name)
@@ -92,7 +93,7 @@ class FolderMirror:
 
     def _local_names(self) -> list[str]:
         return [p.relative_to(self.local).as_posix() for p in self.local.rglob("*")
-                if p.is_file() and ".tmp-" not in p.name]
+                if p.is_file() and TMP_MARKER not in p.name]
 
     def _stat(self, name: str) -> tuple[int, int]:
         stat = (self.local / name).stat()

@@ -65,14 +65,6 @@ def exists(location: PathOrUrl) -> bool:
     return bool(retrying(lambda: fs.isfile(strip_scheme(url)), url, "existence check"))
 
 
-def size_of(location: PathOrUrl) -> int:
-    if not is_url(location):
-        return local_path(location).stat().st_size
-    url = normalize(location)
-    fs = filesystem(url)
-    return int(retrying(lambda: fs.size(strip_scheme(url)), url, "size query"))
-
-
 def write_bytes(location: PathOrUrl, data: bytes) -> str:
     """Write a whole file: temp file + rename locally, one PUT on a store."""
     if not is_url(location):
@@ -108,51 +100,43 @@ def download(url: str, local: str | os.PathLike[str]) -> Path:
 
 def list_files(location: PathOrUrl) -> dict[str, int]:
     """Every file below ``location``: relative POSIX name -> size in bytes ({} if none)."""
-    if not is_url(location):
-        root = local_path(location)
-        if not root.is_dir():
-            return {}
-        return {path.relative_to(root).as_posix(): path.stat().st_size
-                for path in sorted(root.rglob("*")) if path.is_file()}
-    url = normalize(location)
-    fs = filesystem(url)
-    prefix = strip_scheme(url)
-
-    def walk() -> dict[str, int]:
-        found = fs.find(prefix, detail=True)
-        return {name[len(prefix) + 1:]: int(info["size"]) for name, info in found.items()
-                if name.startswith(prefix + "/") and info.get("type") != "directory"}
-
-    return retrying(walk, url, "listing")
+    return {name: size for name, (size, _) in _entries(location).items() if name}
 
 
 def versions(location: PathOrUrl) -> dict[str, str]:
     """What is at ``location``, each file with a version that changes when its content
     does (size and ETag on a store, size and mtime locally): ``{"": version}`` for a
     file, relative POSIX name -> version for every file below a folder, {} for nothing.
-    One listing on a store (and one HEAD, for a file)."""
+    One listing on a store."""
+    return {name: f"{size}-{stamp}" for name, (size, stamp) in _entries(location).items()}
+
+
+def _entries(location: PathOrUrl) -> dict[str, tuple[int, str]]:
+    """The file at ``location`` (named "") or every file below it (by relative POSIX
+    name), each with its size and a stamp that changes with its content (ETag on a
+    store, mtime locally): one listing either way."""
     if not is_url(location):
         root = local_path(location)
         if root.is_file():
-            return {"": _local_version(root)}
-        return {path.relative_to(root).as_posix(): _local_version(path)
+            return {"": _local_entry(root)}
+        return {path.relative_to(root).as_posix(): _local_entry(path)
                 for path in sorted(root.rglob("*")) if path.is_file()}
     url = normalize(location)
     fs = filesystem(url)
     prefix = strip_scheme(url)
 
-    def walk() -> dict[str, str]:
+    def walk() -> dict[str, tuple[int, str]]:
         found = fs.find(prefix, detail=True)  # the object itself, or the keys below it
-        return {name[len(prefix) + 1:]: f"{info['size']}-{_etag(info)}"
+        return {name[len(prefix) + 1:]: (int(info["size"]), _etag(info))
                 for name, info in found.items() if info.get("type") != "directory"
                 and (name == prefix or name.startswith(prefix + "/"))}
 
     return retrying(walk, url, "listing")
 
 
-def _local_version(path: Path) -> str:
+def _local_entry(path: Path) -> tuple[int, str]:
     stat = path.stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
+    return stat.st_size, str(stat.st_mtime_ns)
 
 
 def _etag(info: dict) -> str:

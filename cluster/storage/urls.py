@@ -49,6 +49,12 @@ def normalize(location: PathOrUrl) -> str:
     return str(location).rstrip("/") if is_url(location) else str(local_path(location))
 
 
+def absolute(location: PathOrUrl) -> str:
+    """A URL as is (normalised), a path made absolute: what a record of where something
+    is keeps, so that it still resolves from another working directory."""
+    return normalize(location) if is_url(location) else str(local_path(location).resolve())
+
+
 def join(base: PathOrUrl, *parts: str) -> str:
     """``base/part/...`` for a URL or a path (``file://`` becomes a path)."""
     if not is_url(base):
